@@ -1,0 +1,1 @@
+"""Runnable presets: `python -m experiments.<name> --workdir DIR [--section.field=value ...]`."""

@@ -1,0 +1,114 @@
+"""A deep LSTM as pure functions over parameter pytrees.
+
+Shapes: B batch, T time, I layer input size, H hidden size, G = 4H gates, L layers.
+Gate order in the fused matrices is (input, forget, cell, output).
+
+The recurrent step (`cell`) does only the h-projection and the gate math; the input
+projection of a layer, x @ w_x + b, is one matmul over all time steps done before the
+scan (`layer`), the way cuDNN-style LSTM kernels split the work. For step-at-a-time use
+(decoding) `stack_step` runs all layers for one time step.
+
+Masking: where mask is 0 (padding) the state is carried through unchanged, so a padded
+sentence ends with exactly the state it would have alone.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+LayerParams = dict  # {"w_x": IxG, "w_h": HxG, "b": G}
+
+
+class State(NamedTuple):
+  """LSTM state of every layer: h and c, each LxBxH."""
+  h_LxBxH: Array
+  c_LxBxH: Array
+
+
+def init_layer(key: Array, input_size: int, hidden_size: int, scale: float) -> LayerParams:
+  """One layer's parameters, all U(-scale, scale) as in the paper."""
+  k_x, k_h, k_b = jax.random.split(key, 3)
+  g = 4 * hidden_size
+  u = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -scale, scale)
+  return {"w_x": u(k_x, (input_size, g)), "w_h": u(k_h, (hidden_size, g)), "b": u(k_b, (g,))}
+
+
+def init_stack(key: Array, num_layers: int, input_size: int, hidden_size: int,
+               scale: float) -> list[LayerParams]:
+  """L layers; layer 0 reads the input, layer l > 0 reads layer l-1's h."""
+  keys = jax.random.split(key, num_layers)
+  return [init_layer(k, input_size if i == 0 else hidden_size, hidden_size, scale)
+          for i, k in enumerate(keys)]
+
+
+def zero_state(num_layers: int, batch: int, hidden_size: int) -> State:
+  z = jnp.zeros((num_layers, batch, hidden_size), jnp.float32)
+  return State(z, z)
+
+
+def matmul(x: Array, w: Array, dtype: jnp.dtype | None = None) -> Array:
+  """x @ w with operands cast to `dtype` (None = as given) and a float32 result."""
+  if dtype is not None:
+    x, w = x.astype(dtype), w.astype(dtype)
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def cell(w_h_HxG: Array, gx_BxG: Array, h_BxH: Array, c_BxH: Array,
+         dtype: jnp.dtype | None = None) -> tuple[Array, Array]:
+  """One LSTM step given the precomputed input projection gx = x @ w_x + b."""
+  z_BxG = gx_BxG + matmul(h_BxH, w_h_HxG, dtype)
+  i, f, g, o = jnp.split(z_BxG, 4, axis=-1)
+  c_BxH = jax.nn.sigmoid(f) * c_BxH + jax.nn.sigmoid(i) * jnp.tanh(g)
+  h_BxH = jax.nn.sigmoid(o) * jnp.tanh(c_BxH)
+  return h_BxH, c_BxH
+
+
+def layer(params: LayerParams, x_TxBxI: Array, mask_TxB: Array, h0_BxH: Array, c0_BxH: Array,
+          dtype: jnp.dtype | None = None) -> tuple[Array, tuple[Array, Array]]:
+  """Runs one layer over time. Returns (h for every step TxBxH, final (h, c))."""
+  gx_TxBxG = matmul(x_TxBxI, params["w_x"], dtype) + params["b"]
+
+  def step(carry, inputs):
+    h, c = carry
+    gx_BxG, m_B = inputs
+    h_new, c_new = cell(params["w_h"], gx_BxG, h, c, dtype)
+    keep = m_B[:, None] > 0
+    h = jnp.where(keep, h_new, h)
+    c = jnp.where(keep, c_new, c)
+    return (h, c), h
+
+  (h_T, c_T), h_TxBxH = jax.lax.scan(step, (h0_BxH, c0_BxH), (gx_TxBxG, mask_TxB))
+  return h_TxBxH, (h_T, c_T)
+
+
+def stack(layers: list[LayerParams], x_TxBxI: Array, mask_TxB: Array, state: State,
+          dtype: jnp.dtype | None = None) -> tuple[Array, State]:
+  """Runs L layers layer-major over the whole sequence.
+
+  Returns the top layer's h at every step (TxBxH) and the final state of every layer.
+  """
+  hs, cs = [], []
+  inp = x_TxBxI
+  for l, p in enumerate(layers):
+    inp, (h, c) = layer(p, inp, mask_TxB, state.h_LxBxH[l], state.c_LxBxH[l], dtype)
+    hs.append(h)
+    cs.append(c)
+  return inp, State(jnp.stack(hs), jnp.stack(cs))
+
+
+def stack_step(layers: list[LayerParams], x_BxI: Array, state: State,
+               dtype: jnp.dtype | None = None) -> tuple[Array, State]:
+  """One time step through all L layers (for decoding). Returns (top h BxH, new state)."""
+  hs, cs = [], []
+  inp = x_BxI
+  for l, p in enumerate(layers):
+    gx = matmul(inp, p["w_x"], dtype) + p["b"]
+    h, c = cell(p["w_h"], gx, state.h_LxBxH[l], state.c_LxBxH[l], dtype)
+    hs.append(h)
+    cs.append(c)
+    inp = h
+  return inp, State(jnp.stack(hs), jnp.stack(cs))

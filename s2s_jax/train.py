@@ -1,0 +1,280 @@
+"""Training: the jitted train and eval steps, and the host loop around them.
+
+The host loop owns everything impure: data, devices, checkpoints, signals, logging.
+Metrics go to WORKDIR/metrics.jsonl, one JSON object per line ("train" lines every
+train.log_every steps, "valid" lines every train.eval_every steps and at the end).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from s2s_jax import checkpoint
+from s2s_jax import config as config_lib
+from s2s_jax import model
+from s2s_jax.config import Config, ModelConfig
+from s2s_jax.data import pipeline
+from s2s_jax.data.vocab import PAD_ID
+
+TrainState = dict[str, Any]  # {"params", "opt_state", "step", "rng"}
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation, src_vocab: int,
+               tgt_vocab: int) -> TrainState:
+  key = jax.random.PRNGKey(cfg.train.seed)
+  k_init, k_rest = jax.random.split(key)
+  params = model.init_params(k_init, cfg.model, src_vocab, tgt_vocab)
+  return {"params": params, "opt_state": tx.init(params),
+          "step": jnp.zeros((), jnp.int32), "rng": k_rest}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConfig,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on the paper's loss. A non-finite loss or gradient leaves the state as it was."""
+  (loss, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(state["params"], batch, cfg)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = {"params": keep(params, state["params"]),
+               "opt_state": keep(opt_state, state["opt_state"]),
+               "step": state["step"] + 1,
+               "rng": state["rng"]}
+  metrics = {"loss": loss, "nll_sum": aux["nll_sum"], "num_tokens": aux["num_tokens"],
+             "grad_norm": grad_norm, "finite": finite}
+  return new_state, metrics
+
+
+def eval_step(params: model.Params, batch: dict[str, jax.Array], *,
+              cfg: ModelConfig) -> dict[str, jax.Array]:
+  _, aux = model.loss_fn(params, batch, cfg)
+  return {"nll_sum": aux["nll_sum"], "num_tokens": aux["num_tokens"]}
+
+
+def make_steps(cfg: Config, tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
+  """Jitted (train_step, eval_step); the train state is donated."""
+  train = jax.jit(functools.partial(train_step, cfg=cfg.model, tx=tx), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, cfg=cfg.model))
+  return train, evaluate
+
+
+def perplexity(eval_fn: Callable, params: model.Params,
+               batches: Iterable[dict[str, np.ndarray]]) -> tuple[float, float]:
+  """(mean NLL per target token including </s>, its exp) over all batches."""
+  nll, tokens = 0.0, 0
+  outs = [eval_fn(params, b) for b in batches]
+  for o in jax.device_get(outs):
+    nll += float(o["nll_sum"])
+    tokens += int(o["num_tokens"])
+  mean = nll / max(tokens, 1)
+  return mean, math.exp(min(mean, 700.0))
+
+
+def count_words(batch: dict[str, np.ndarray]) -> int:
+  """Source + target words as the paper counts them (</s> not counted)."""
+  src = int(np.sum(batch["src"] != PAD_ID))
+  tgt = int(np.sum(batch["tgt"] != PAD_ID)) - int(np.sum(np.any(batch["tgt"] != PAD_ID, axis=1)))
+  return src + tgt
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, record: dict[str, Any]) -> None:
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class StopSignal:
+  """Turns SIGINT/SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is not None:  # a second Ctrl-C: give up at once
+      raise KeyboardInterrupt
+    self.received = signum
+    logging.warning("signal %d received: saving a checkpoint, then exiting", signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+    return False
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+  if cfg.train.num_steps > 0:
+    return cfg.train.num_steps
+  return int(math.ceil(cfg.train.num_epochs * steps_per_epoch))
+
+
+def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`. Returns the final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  config_lib.save_json(cfg, os.path.join(workdir, "config.json"))
+  corpus = pipeline.load_corpus(cfg.data, workdir)
+  batches = pipeline.BatchIterator(corpus.examples["train"], cfg.train.batch_size,
+                                   cfg.data.bucket_width, cfg.train.seed)
+  valid = corpus.examples["valid"]
+  if cfg.data.max_eval_sentences > 0:
+    valid = valid[:cfg.data.max_eval_sentences]
+  valid_batches = lambda: pipeline.eval_batches(valid, cfg.train.eval_batch_size,
+                                                cfg.data.bucket_width)
+  steps_per_epoch = batches.batches_per_epoch
+  num_steps = total_steps(cfg, steps_per_epoch)
+
+  from s2s_jax import optim
+  tx, schedule = optim.make_optimizer(cfg.optim, steps_per_epoch)
+  state = init_state(cfg, tx, len(corpus.src_vocab), len(corpus.tgt_vocab))
+  logging.info("model: %d parameters; vocab %d source, %d target; %d steps (%.2f epochs of %d)",
+               model.num_params(state["params"]), len(corpus.src_vocab), len(corpus.tgt_vocab),
+               num_steps, num_steps / steps_per_epoch, steps_per_epoch)
+
+  mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
+  latest = mngr.latest_step()
+  if latest is not None:
+    state, data_state = checkpoint.restore(mngr, latest, state)
+    batches.restore(data_state)
+    logging.info("resumed from checkpoint at step %d (epoch %d, batch %d)", latest,
+                 batches.epoch, batches.index)
+
+  train_fn, eval_fn = make_steps(cfg, tx)
+  writer = MetricsWriter(workdir)
+  step = int(state["step"])
+  result: dict[str, Any] = {"step": step}
+  pending: list[tuple[dict, int]] = []
+  words, t_last = 0, time.perf_counter()
+  bad_streak = 0
+
+  def log_train():
+    nonlocal pending, words, t_last
+    if not pending:
+      return
+    host = jax.device_get([m for m, _ in pending])
+    nll = sum(float(m["nll_sum"]) for m in host)
+    toks = sum(int(m["num_tokens"]) for m in host)
+    now = time.perf_counter()
+    rec = {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
+           "loss": float(np.mean([float(m["loss"]) for m in host])),
+           "train_nll": nll / max(toks, 1), "train_ppl": math.exp(min(nll / max(toks, 1), 700.0)),
+           "lr": float(schedule(step - 1)), "grad_norm": float(host[-1]["grad_norm"]),
+           "words_per_s": words / max(now - t_last, 1e-9)}
+    writer.write(rec)
+    result.update(rec)
+    pending, words, t_last = [], 0, now
+    if bar is not None:
+      bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['train_ppl']:.2f}",
+                      lr=f"{rec['lr']:.4g}", wps=f"{rec['words_per_s']:.0f}")
+
+  def run_eval():
+    _, ppl = perplexity(eval_fn, state["params"], valid_batches())
+    writer.write({"kind": "valid", "step": step, "valid_ppl": ppl})
+    result["valid_ppl"] = ppl
+    logging.info("step %d: valid_ppl %.3f", step, ppl)
+
+  def save():
+    checkpoint.save(mngr, step, state, batches.state())
+
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+  def check_finite(metrics, at_step, position):
+    nonlocal bad_streak
+    if bool(metrics["finite"]):
+      bad_streak = 0
+      return
+    bad_streak += 1
+    logging.warning("step %d: non-finite loss or gradient; update skipped (epoch %d, batch %d)",
+                    at_step, *position)
+    if cfg.train.max_bad_steps > 0 and bad_streak >= cfg.train.max_bad_steps:
+      raise FloatingPointError(f"{bad_streak} consecutive non-finite steps ending at step {at_step}; "
+                               "lower optim.learning_rate or check the data")
+
+  previous = None  # checked one step late so that the host never waits on the step it just queued
+  with StopSignal() as stop:
+    while step < num_steps and stop.received is None:
+      position = (batches.epoch, batches.index)
+      batch = next(batches)
+      words += count_words(batch)
+      state, metrics = train_fn(state, batch)
+      step += 1
+      if previous is not None:
+        check_finite(*previous)
+      previous = (metrics, step, position)
+      pending.append((metrics, step))
+      if bar is not None:
+        bar.update(1)
+      if step % cfg.train.log_every == 0:
+        log_train()
+      if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+        run_eval()
+      if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        save()
+    if previous is not None:
+      check_finite(*previous)
+    log_train()
+    if stop.received is None and (not cfg.train.eval_every or step % cfg.train.eval_every):
+      run_eval()
+    if mngr.latest_step() != step:
+      save()
+    mngr.wait_until_finished()
+  if bar is not None:
+    bar.close()
+  if stop.received is not None:
+    logging.warning("stopped by signal at step %d; checkpoint saved. Rerun the same command to resume.",
+                    step)
+  result["step"] = step
+  result["interrupted"] = stop.received is not None
+  return result
+
+
+def setup_logging() -> None:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(preset: Config, argv: Sequence[str], after: Callable[[Config, str], None] | None = None) -> int:
+  """Command line of the experiment presets: --workdir DIR and --section.field=value overrides."""
+  setup_logging()
+  try:
+    updates, extras = config_lib.parse_args(argv, extra_flags=("workdir",))
+    cfg = config_lib.override(preset, updates)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if "workdir" not in extras:
+    print("error: --workdir DIR is required", file=sys.stderr)
+    return 2
+  workdir = extras["workdir"]
+  result = train(cfg, workdir)
+  if after is not None and not result.get("interrupted"):
+    after(cfg, workdir)
+  print(json.dumps({k: result[k] for k in ("step", "valid_ppl", "train_ppl") if k in result}))
+  return 0
