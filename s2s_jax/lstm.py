@@ -45,16 +45,17 @@ def init_stack(key: Array, num_layers: int, input_size: int, hidden_size: int,
           for i, k in enumerate(keys)]
 
 
-def zero_state(num_layers: int, batch: int, hidden_size: int) -> State:
-  z = jnp.zeros((num_layers, batch, hidden_size), jnp.float32)
+def zero_state(num_layers: int, batch: int, hidden_size: int,
+               dtype: jnp.dtype = jnp.float32) -> State:
+  z = jnp.zeros((num_layers, batch, hidden_size), dtype)
   return State(z, z)
 
 
 def matmul(x: Array, w: Array, dtype: jnp.dtype | None = None) -> Array:
-  """x @ w with operands cast to `dtype` (None = as given) and a float32 result."""
-  if dtype is not None:
-    x, w = x.astype(dtype), w.astype(dtype)
-  return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+  """x @ w; with `dtype`, operands are cast to it and the result is float32."""
+  if dtype is None:
+    return jnp.matmul(x, w)
+  return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def cell(w_h_HxG: Array, gx_BxG: Array, h_BxH: Array, c_BxH: Array,

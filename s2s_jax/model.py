@@ -60,7 +60,7 @@ def encode(params: Params, src_BxS: Array, cfg: ModelConfig) -> lstm.State:
   b = src_BxS.shape[0]
   x_SxBxE = jnp.take(params["src_embed"], src_BxS.T, axis=0)
   mask_SxB = (src_BxS.T != PAD_ID).astype(jnp.float32)
-  state0 = lstm.zero_state(cfg.num_layers, b, cfg.hidden_size)
+  state0 = lstm.zero_state(cfg.num_layers, b, cfg.hidden_size, params["src_embed"].dtype)
   _, state = lstm.stack(params["encoder"], x_SxBxE, mask_SxB, state0, compute_dtype(cfg))
   return state
 

@@ -45,7 +45,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConf
                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the paper's loss. A non-finite loss or gradient leaves the state as it was."""
   (loss, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(state["params"], batch, cfg)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -215,6 +215,8 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
       raise FloatingPointError(f"{bad_streak} consecutive non-finite steps ending at step {at_step}; "
                                "lower optim.learning_rate or check the data")
 
+  if step == 0 and cfg.train.eval_every:
+    run_eval()  # the curve starts at the initial parameters
   previous = None  # checked one step late so that the host never waits on the step it just queued
   with StopSignal() as stop:
     while step < num_steps and stop.received is None:

@@ -1,0 +1,31 @@
+"""Test setup: 8 virtual CPU devices (before JAX starts) and a tiny parallel corpus."""
+
+import os
+import random
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+def write_toy_corpus(folder: str, sizes=(("train", 600), ("valid", 60), ("test", 60)),
+                     seed: int = 0, num_words: int = 12) -> str:
+  """A tiny word-for-word 'translation' task (w3 w7 -> f3 f7) as a text-source folder."""
+  rng = random.Random(seed)
+  os.makedirs(folder, exist_ok=True)
+  for split, n in sizes:
+    with open(os.path.join(folder, f"{split}.en"), "w") as fe, \
+         open(os.path.join(folder, f"{split}.fr"), "w") as ff:
+      for _ in range(n):
+        words = [f"w{rng.randrange(num_words)}" for _ in range(rng.randint(1, 6))]
+        fe.write(" ".join(words) + "\n")
+        ff.write(" ".join("f" + w[1:] for w in words) + "\n")
+  return folder
+
+
+@pytest.fixture(scope="session")
+def toy_corpus(tmp_path_factory) -> str:
+  return write_toy_corpus(str(tmp_path_factory.mktemp("toy_corpus")))
