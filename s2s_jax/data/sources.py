@@ -1,21 +1,28 @@
-"""Where sentence pairs come from. Every source returns {split: [(source, target), ...]} of raw text.
+"""Where sentence pairs come from. Every source returns {split: [(source, target), ...]} of raw text
+for the splits train, valid and test (surrounding whitespace stripped, nothing else changed).
 
 - synthetic: the embedded English->French grammar corpus (`s2s_jax.data.synthetic`).
-- text: a folder with train/valid/test.{src_lang,tgt_lang}, UTF-8, one sentence a line.
-- tfds: a TFDS translation dataset (default wmt14_translate/fr-en).
+- text: a folder with {train,valid,test}.{src_lang,tgt_lang}, UTF-8, one sentence a line.
+- tfds: a TFDS translation dataset (default wmt14_translate/fr-en), read without TensorFlow
+  from data prepared in the array_record format under data.tfds_data_dir; data.tfds_manual_dir
+  prepares it first from archives the user downloaded. Nothing is ever downloaded here: data
+  that is not there is an immediate `DataError` that says what to fetch and where to put it.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Sequence
 
 from s2s_jax.config import DataConfig
 
 SPLITS = ("train", "valid", "test")
+TFDS_SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # ours -> TFDS names
+TFDS_READ_CHUNK = 10_000  # records fetched per __getitems__ call
 
 
 class DataError(ValueError):
-  """A corpus that cannot be read; the message names the file and what to do."""
+  """A corpus that cannot be read; the one-line message names the file and what to do."""
 
 
 def load_pairs(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
@@ -24,31 +31,311 @@ def load_pairs(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
     return synthetic.make_splits(cfg.synthetic_train, cfg.synthetic_valid, cfg.synthetic_test,
                                  seed=cfg.synthetic_seed)
   if cfg.source == "text":
-    return {split: read_text_pair(cfg.path, split, cfg.src_lang, cfg.tgt_lang) for split in SPLITS}
+    return read_text_corpus(cfg.path, cfg.src_lang, cfg.tgt_lang)
+  if cfg.source == "tfds":
+    return read_tfds(cfg)
   raise DataError(f"data.source must be synthetic, text or tfds, got {cfg.source!r}")
 
 
+# ----------------------------------------------------------------------------- text files
+
+
 def read_lines(path: str) -> list[str]:
-  if not os.path.exists(path):
+  """The stripped lines of a UTF-8 file (a leading byte-order mark is dropped)."""
+  if not os.path.isfile(path):
     raise DataError(f"{path}: file not found")
   with open(path, "rb") as f:
-    raw = f.read().split(b"\n")
-  if raw and raw[-1] == b"":
-    raw.pop()
-  out = []
-  for n, line in enumerate(raw, 1):
-    try:
-      out.append(line.decode("utf-8").rstrip("\r").strip())
-    except UnicodeDecodeError as e:
-      raise DataError(f"{path}: line {n}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-  return out
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    raise DataError(f"{path}: line {line}: invalid UTF-8 ({e.reason} at byte {column} of the "
+                    "line); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+  lines = text.removeprefix("\ufeff").split("\n")
+  if lines[-1] == "":
+    lines.pop()
+  return [line.strip() for line in lines]
+
+
+def _languages_in(folder: str) -> list[str]:
+  return sorted({name.split(".", 1)[1] for name in os.listdir(folder)
+                 if "." in name and name.split(".", 1)[0] in SPLITS})
 
 
 def read_text_pair(folder: str, split: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
   src_path = os.path.join(folder, f"{split}.{src_lang}")
   tgt_path = os.path.join(folder, f"{split}.{tgt_lang}")
+  for path in (src_path, tgt_path):
+    if not os.path.isfile(path):
+      found = ", ".join(_languages_in(folder)) or "none"
+      raise DataError(f"{path}: file not found; data.source=text reads {{train,valid,test}}."
+                      f"{{{src_lang},{tgt_lang}}} from {folder} (languages found there: {found})")
   src, tgt = read_lines(src_path), read_lines(tgt_path)
   if len(src) != len(tgt):
     raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
                     "a parallel corpus needs one target line per source line")
   return list(zip(src, tgt))
+
+
+def read_text_corpus(folder: str, src_lang: str, tgt_lang: str) -> dict[str, list[tuple[str, str]]]:
+  if not folder:
+    raise DataError("data.source=text needs --data.path=DIR, a folder with "
+                    f"{{train,valid,test}}.{{{src_lang},{tgt_lang}}}")
+  if not os.path.isdir(folder):
+    raise DataError(f"{folder}: folder not found (data.path)")
+  return {split: read_text_pair(folder, split, src_lang, tgt_lang) for split in SPLITS}
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _first_line(e: BaseException) -> str:
+  """An exception as one line (TFDS messages can run to hundreds of lines)."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def _import_tfds():
+  try:
+    import tensorflow_datasets as tfds
+    import tensorflow_datasets.translate  # noqa: F401  (registers the wmt*_translate builders)
+  except ImportError as e:
+    raise DataError(f"data.source=tfds needs tensorflow-datasets ({e}); "
+                    "pip install tensorflow-datasets") from None
+  return tfds
+
+
+def tfds_builder(cfg: DataConfig):
+  """The TFDS builder of `cfg.tfds_name` under `cfg.tfds_data_dir` (nothing is downloaded)."""
+  tfds = _import_tfds()
+  try:
+    return tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None)
+  except Exception as e:  # DatasetNotFoundError, bad config name, ...: report, never traceback
+    raise DataError(f"data.tfds_name={cfg.tfds_name!r}: {_first_line(e)}") from None
+
+
+def tfds_download_files(builder) -> dict[str, str]:
+  """{file name: URL} of the archives a WMT builder reads for its language pair ({} if unknown)."""
+  try:
+    from tensorflow_datasets.translate import wmt
+  except ImportError:
+    return {}
+  if not isinstance(builder, wmt.WmtTranslate):
+    return {}
+  source = builder.builder_config.language_pair[0]
+  files = {}
+  for names in builder.subsets.values():
+    for name in names:
+      ds = wmt.DATASET_MAP[name]
+      urls = ds.get_url(source)
+      urls = [urls] if isinstance(urls, str) else list(urls)
+      manual = ds.get_manual_dl_files(source)
+      for fname in manual:
+        files[fname] = " ".join(urls)
+      if not manual:
+        for url in urls:
+          files[url.rsplit("/", 1)[-1]] = url
+  return files
+
+
+def _not_prepared(cfg: DataConfig, builder) -> DataError:
+  files = tfds_download_files(builder)
+  fetch = (f"download {', '.join(files.values())} into a folder and pass "
+           "--data.tfds_manual_dir=FOLDER" if files else
+           "prepare it on a machine with network access (tfds.builder(name, data_dir=DIR)"
+           ".download_and_prepare(file_format='array_record')) and pass --data.tfds_data_dir=DIR")
+  return DataError(f"TFDS dataset {cfg.tfds_name} is not prepared in {builder.data_dir} and is "
+                   f"never downloaded here: {fetch}; or use --data.source=text with your own "
+                   "files (see README, Data)")
+
+
+def registered_url_infos(builder) -> dict:
+  """{URL: checksums.UrlInfo} that TFDS knows for any dataset, then this builder's own."""
+  from tensorflow_datasets.core.download import checksums
+  return {**checksums.get_all_url_infos(), **(builder.url_infos or {})}
+
+
+def _manual_url_infos(builder, manual: str, files: dict[str, str]) -> dict:
+  """URL infos under which TFDS finds every file of `files` in `manual` (no download).
+
+  TFDS looks a URL's file up in the manual dir by the file name registered with its checksum;
+  WMT'14 fr-en reads two archives that only other WMT years register (UN, Giga-FrEn), and an
+  unregistered URL would be downloaded. Registered checksums are kept (TFDS checks the user's
+  files against them); an archive nobody registered is described from the file itself.
+  """
+  from tensorflow_datasets.core.download import checksums
+  known = registered_url_infos(builder)
+  infos = dict(builder.url_infos or {})
+  for fname, url in files.items():
+    if " " in url or not url.startswith(("http://", "https://")):
+      continue  # a file TFDS itself asks to be downloaded by hand: read from manual_dir directly
+    info = known.get(url) or checksums.compute_url_info(os.path.join(manual, fname))
+    infos[url] = checksums.UrlInfo(size=info.size, checksum=info.checksum, filename=fname)
+  return infos
+
+
+def extract_archives(manual: str, names: Sequence[str], extract_dir: str) -> None:
+  """Unpacks the tar/zip archives `names` of `manual` where TFDS looks for earlier extractions.
+
+  TFDS would extract them itself, but through tf.io.gfile (TensorFlow). It reuses an
+  existing `<extract_dir>/<METHOD>.<file name>` instead, so Python's tarfile/zipfile do it
+  here (path-traversal-safe "data" filter; into a temporary folder, then renamed).
+  """
+  import shutil
+  import tarfile
+  import zipfile
+  from tensorflow_datasets.core.download import resource as resource_lib
+  kinds = {resource_lib.ExtractMethod.TAR, resource_lib.ExtractMethod.TAR_GZ,
+           resource_lib.ExtractMethod.ZIP}
+  for name in names:
+    method = resource_lib.guess_extract_method(name)
+    if method not in kinds:
+      continue
+    target = os.path.join(extract_dir, f"{method.name}.{name}")
+    path = os.path.join(manual, name)
+    st = os.stat(path)
+    stamp = f"{st.st_size} {st.st_mtime_ns}\n"  # which archive the extraction came from
+    if os.path.exists(target) and _read_text(target + ".from") == stamp:
+      continue
+    shutil.rmtree(target, ignore_errors=True)
+    tmp = target + ".incomplete"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+      if method == resource_lib.ExtractMethod.ZIP:
+        with zipfile.ZipFile(path) as z:
+          z.extractall(tmp)
+      else:
+        with tarfile.open(path) as t:
+          safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.11.4+
+          t.extractall(tmp, **safe)
+    except (OSError, tarfile.TarError, zipfile.BadZipFile) as e:
+      shutil.rmtree(tmp, ignore_errors=True)
+      why = " ".join(str(e).split())
+      raise DataError(f"{path}: cannot unpack ({why}); is the download complete?") from None
+    os.replace(tmp, target)
+    with open(target + ".from", "w") as f:
+      f.write(stamp)
+
+
+def _read_text(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read()
+  except OSError:
+    return ""
+
+
+def prepare_from_manual_dir(cfg: DataConfig, builder) -> None:
+  """Builds the TFDS dataset (array_record) from archives in `cfg.tfds_manual_dir`, offline."""
+  tfds = _import_tfds()
+  manual = cfg.tfds_manual_dir
+  if not os.path.isdir(manual):
+    raise DataError(f"{manual}: folder not found (data.tfds_manual_dir)")
+  files = tfds_download_files(builder)
+  missing = [f"{name} ({url})" for name, url in files.items()
+             if not os.path.exists(os.path.join(manual, name))]
+  if missing:
+    raise DataError(f"{manual}: {len(missing)} of the {len(files)} files {cfg.tfds_name} is built "
+                    f"from are missing (nothing is downloaded): {', '.join(missing)}")
+  extract_dir = os.path.join(os.fspath(builder.data_dir_root), "downloads", "extracted")
+  extract_archives(manual, list(files), extract_dir)
+  config = tfds.download.DownloadConfig(manual_dir=manual, extract_dir=extract_dir,
+                                        try_download_gcs=False)
+  cls = type(builder)
+  own, patched = cls.__dict__.get("url_infos", None), False
+  try:
+    cls.url_infos, patched = _manual_url_infos(builder, manual, files), True  # for its downloader
+    builder.download_and_prepare(download_config=config, file_format="array_record")
+  except Exception as e:  # checksum mismatch, corrupt archive, missing module, ...
+    first = _first_line(e)
+    hint = ""
+    if "importlib_resources" in first:
+      hint = " (pip install importlib_resources: tensorflow-datasets needs it, undeclared)"
+    elif "checksum" in first:
+      hint = " (not the file TFDS registered: an incomplete download, or another version)"
+    raise DataError(f"preparing {cfg.tfds_name} from {manual} failed: {type(e).__name__}: "
+                    f"{first}{hint}") from None
+  finally:
+    if patched and own is None:
+      del cls.url_infos
+    elif patched:
+      cls.url_infos = own
+
+
+def _split_records(cfg: DataConfig, builder, split: str, prepared: bool) -> Sequence:
+  """The records of one TFDS split (array_record: read without TensorFlow), or a DataError
+  saying what is missing."""
+  try:
+    source = builder.as_data_source(split=split)
+    len(source)
+    return source
+  except NotImplementedError:
+    if not prepared:
+      raise _not_prepared(cfg, builder) from None
+  except Exception as e:  # missing files, unknown split, ...
+    if not prepared:
+      raise _not_prepared(cfg, builder) from None
+    raise DataError(f"{builder.data_dir}: cannot read split {split!r} of {cfg.tfds_name}: "
+                    f"{_first_line(e)}") from None
+  # Prepared in a format without random access (tfrecord): only TensorFlow reads that.
+  try:
+    import tensorflow  # noqa: F401
+  except ImportError:
+    raise DataError(f"{builder.data_dir}: {cfg.tfds_name} was prepared as "
+                    f"{builder.info.file_format.value}, which only TensorFlow can read: "
+                    "pip install tensorflow-cpu, or prepare it again with "
+                    "file_format='array_record' (what --data.tfds_manual_dir does)") from None
+  import tensorflow_datasets as tfds
+  return list(tfds.as_numpy(builder.as_dataset(split=split)))
+
+
+def _text(value: Any, where: str) -> str:
+  if isinstance(value, bytes):
+    try:
+      value = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+  return str(value).strip()
+
+
+def _fetch(records: Sequence, keys: list[int]) -> Sequence:
+  """records[keys]: one batched read (5x faster on array_record) where the source has one."""
+  getitems = getattr(records, "__getitems__", None)
+  if getitems is not None:
+    try:
+      return getitems(keys)
+    except TypeError:  # a source whose batched read is broken (tfds.testing.mock_data's)
+      pass
+  return [records[k] for k in keys]
+
+
+def read_tfds(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
+  builder = tfds_builder(cfg)
+  prepared = builder.is_prepared()
+  if cfg.tfds_manual_dir and not prepared:
+    prepare_from_manual_dir(cfg, builder)
+    prepared = True
+  languages = list(getattr(builder.info.features, "languages", []) or [])
+  for lang in (cfg.src_lang, cfg.tgt_lang):
+    if languages and lang not in languages:
+      raise DataError(f"TFDS dataset {cfg.tfds_name} has the languages {', '.join(languages)}, "
+                      f"not {lang!r} (data.src_lang / data.tgt_lang)")
+  splits = list(builder.info.splits) if prepared else []
+  out = {}
+  for ours, theirs in TFDS_SPLITS.items():
+    if splits and theirs not in splits:
+      raise DataError(f"{builder.data_dir}: {cfg.tfds_name} has the splits {', '.join(splits)}, "
+                      f"not {theirs!r} (used as {ours})")
+    records = _split_records(cfg, builder, theirs, prepared)
+    pairs = []
+    for start in range(0, len(records), TFDS_READ_CHUNK):
+      keys = list(range(start, min(start + TFDS_READ_CHUNK, len(records))))
+      chunk = _fetch(records, keys)
+      for k, ex in zip(keys, chunk):
+        where = f"{cfg.tfds_name} split {theirs} record {k}"
+        pairs.append((_text(ex[cfg.src_lang], where), _text(ex[cfg.tgt_lang], where)))
+    out[ours] = pairs
+  return out

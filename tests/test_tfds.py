@@ -1,0 +1,214 @@
+"""The tfds source, offline and without TensorFlow: tfds.testing.mock_data, data that is not there
+(an immediate error, nothing downloaded), and the real WMT'14 builder run on tiny archives through
+the manual-dir route, then read back from its array_record files."""
+
+import gzip
+import io
+import json
+import os
+import socket
+import sys
+import tarfile
+import tempfile
+
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from s2s_jax.config import DataConfig  # noqa: E402
+from s2s_jax.data import pipeline, sources  # noqa: E402
+from s2s_jax.data.sources import DataError  # noqa: E402
+
+WMT14_FILES = ["training-parallel-europarl-v7.tgz", "training-parallel-commoncrawl.tgz",
+               "training-parallel-un.tgz", "training-parallel-nc-v9.tgz",
+               "training-giga-fren.tar", "dev.tgz"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+  """Any attempt to reach the network fails the test."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("the network was used")
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket, "create_connection", refuse)
+  # TFDS leaves an empty mkdtemp folder per unprepared builder: keep them out of /tmp
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  tfds.disable_progress_bar()
+
+
+@pytest.fixture
+def no_prepare(monkeypatch):
+  def refuse(self, *args, **kwargs):
+    raise AssertionError("download_and_prepare was called")
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", refuse)
+
+
+def cfg(**kw):
+  return DataConfig(**{"source": "tfds", "tokenizer": "none", **kw})
+
+
+def test_mock_data_runs_through_the_whole_pipeline(tmp_path):
+  with tfds.testing.mock_data(num_examples=9):
+    pairs = sources.load_pairs(cfg(tfds_data_dir=str(tmp_path)))
+    corpus = pipeline.load_corpus(cfg(tfds_data_dir=str(tmp_path)), str(tmp_path / "wd"))
+  assert {split: len(p) for split, p in pairs.items()} == {"train": 9, "valid": 9, "test": 9}
+  src, tgt = pairs["train"][0]
+  assert isinstance(src, str) and isinstance(tgt, str) and src and tgt and src != tgt
+  assert corpus.stats["train"]["pairs"] == 9 and len(corpus.examples["test"]) > 0
+  assert corpus.tokens["train"][0] == (src.split(), tgt.split())
+
+
+def test_mock_data_checks_the_languages():
+  with tfds.testing.mock_data(num_examples=2), pytest.raises(DataError) as e:
+    sources.load_pairs(cfg(src_lang="de"))
+  assert str(e.value) == ("TFDS dataset wmt14_translate/fr-en has the languages en, fr, not 'de' "
+                          "(data.src_lang / data.tgt_lang)")
+
+
+def test_data_that_is_not_there_fails_at_once_saying_what_to_download(tmp_path, no_prepare):
+  with pytest.raises(DataError) as e:
+    sources.load_pairs(cfg(tfds_data_dir=str(tmp_path)))
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert msg.startswith(f"TFDS dataset wmt14_translate/fr-en is not prepared in {tmp_path}/")
+  for name in WMT14_FILES:
+    assert f"/{name}" in msg
+  assert "--data.tfds_manual_dir=FOLDER" in msg and "--data.source=text" in msg
+  with pytest.raises(DataError, match="Dataset no_such_dataset not found"):
+    sources.load_pairs(cfg(tfds_name="no_such_dataset/x", tfds_data_dir=str(tmp_path)))
+
+
+def test_manual_dir_with_missing_archives_lists_them_and_downloads_nothing(tmp_path, no_prepare):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "dev.tgz").write_bytes(b"")
+  with pytest.raises(DataError) as e:
+    sources.load_pairs(cfg(tfds_data_dir=str(tmp_path / "d"), tfds_manual_dir=str(manual)))
+  msg = str(e.value)
+  assert msg.startswith(f"{manual}: 5 of the 6 files wmt14_translate/fr-en is built from are "
+                        "missing (nothing is downloaded): training-parallel-europarl-v7.tgz "
+                        "(http://www.statmt.org/wmt13/training-parallel-europarl-v7.tgz)")
+  assert "training-giga-fren.tar (http://www.statmt.org/wmt10/training-giga-fren.tar)" in msg
+  assert "dev.tgz" not in msg
+  with pytest.raises(DataError, match="folder not found"):
+    sources.load_pairs(cfg(tfds_data_dir=str(tmp_path / "d"), tfds_manual_dir=str(tmp_path / "x")))
+
+
+# ----------------------------------------------------------------------------- manual-dir route
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def _lines(tag, lang, n):
+  return "".join(f"{tag} {lang} {i} .\n" for i in range(n)).encode()
+
+
+def write_wmt14_archives(folder):
+  """Tiny stand-ins of the six WMT'14 fr-en archives, laid out as the real ones."""
+  os.makedirs(folder, exist_ok=True)
+  stems = {"training-parallel-europarl-v7.tgz": ("ep", "training/europarl-v7.fr-en"),
+           "training-parallel-commoncrawl.tgz": ("cc", "commoncrawl.fr-en"),
+           "training-parallel-un.tgz": ("un", "un/undoc.2000.fr-en"),
+           "training-parallel-nc-v9.tgz": ("nc", "training/news-commentary-v9.fr-en")}
+  for fname, (tag, stem) in stems.items():
+    with tarfile.open(os.path.join(folder, fname), "w:gz") as tar:
+      for lang in ("en", "fr"):
+        _add(tar, f"{stem}.{lang}", _lines(tag, lang, 2))
+  with tarfile.open(os.path.join(folder, "training-giga-fren.tar"), "w") as tar:
+    for lang in ("en", "fr"):
+      _add(tar, f"giga-fren.release2.fixed.{lang}.gz", gzip.compress(_lines("gf", lang, 2)))
+  with tarfile.open(os.path.join(folder, "dev.tgz"), "w:gz") as tar:
+    for lang in ("en", "fr"):
+      _add(tar, f"dev/newstest2013.{lang}", _lines("nt13", lang, 3))
+    for lang, kind in (("fr", "src"), ("en", "ref")):
+      segs = "".join(f'<seg id="{i + 1}">nt14 {lang} {i} é .</seg>\n' for i in range(4))
+      _add(tar, f"dev/newstest2014-fren-{kind}.{lang}.sgm", f"<doc>\n{segs}</doc>\n".encode())
+
+
+@pytest.fixture
+def unregistered(monkeypatch):
+  """The tiny archives have no registered checksums (the real ones do: see the mismatch test)."""
+  from tensorflow_datasets.translate import wmt14
+  monkeypatch.setattr(sources, "registered_url_infos", lambda builder: {})
+  cls = wmt14.Wmt14Translate  # (monkeypatch would read the old value: TFDS's checksum files)
+  assert "url_infos" not in cls.__dict__
+  cls.url_infos = {}
+  yield
+  del cls.url_infos
+
+
+def expected_pairs():
+  train = [(f"{tag} en {i} .", f"{tag} fr {i} .") for tag in ("cc", "ep", "gf", "nc", "un")
+           for i in range(2)]
+  return {"train": train, "valid": [(f"nt13 en {i} .", f"nt13 fr {i} .") for i in range(3)],
+          "test": [(f"nt14 en {i} é .", f"nt14 fr {i} é .") for i in range(4)]}
+
+
+def test_manual_dir_builds_wmt14_with_the_real_builder_and_reads_it_back(tmp_path, unregistered):
+  manual, data = str(tmp_path / "manual"), str(tmp_path / "data")
+  write_wmt14_archives(manual)
+  built = sources.load_pairs(cfg(tfds_data_dir=data, tfds_manual_dir=manual))
+  assert {split: sorted(p) for split, p in built.items()} == expected_pairs()
+  variant = os.path.join(data, "wmt14_translate", "fr-en", "1.0.0")
+  assert any(n.startswith("wmt14_translate-train.array_record") for n in os.listdir(variant))
+  # prepared once: later runs read the array_record files (no manual dir, nothing rebuilt)
+  again = sources.load_pairs(cfg(tfds_data_dir=data))
+  assert again == built
+  swapped = sources.load_pairs(cfg(tfds_data_dir=data, src_lang="fr", tgt_lang="en"))
+  assert swapped["test"] == [(t, s) for s, t in built["test"]]
+
+
+def test_a_registered_checksum_that_does_not_match_is_an_error(tmp_path, unregistered,
+                                                               monkeypatch):
+  from tensorflow_datasets.core.download import checksums
+  url = "http://www.statmt.org/wmt13/training-parallel-europarl-v7.tgz"
+  wrong = checksums.UrlInfo(size=1, checksum="0" * 64, filename="training-parallel-europarl-v7.tgz")
+  monkeypatch.setattr(sources, "registered_url_infos", lambda builder: {url: wrong})
+  manual = str(tmp_path / "manual")
+  write_wmt14_archives(manual)
+  with pytest.raises(DataError) as e:
+    sources.load_pairs(cfg(tfds_data_dir=str(tmp_path / "data"), tfds_manual_dir=manual))
+  assert str(e.value).startswith(f"preparing wmt14_translate/fr-en from {manual} failed: "
+                                 "NonMatchingChecksumError")
+
+
+def test_tfrecord_data_without_tensorflow_says_how_to_read_it(tmp_path, unregistered,
+                                                              monkeypatch):
+  manual, data = str(tmp_path / "manual"), str(tmp_path / "data")
+  write_wmt14_archives(manual)
+  sources.load_pairs(cfg(tfds_data_dir=data, tfds_manual_dir=manual))
+  info_path = os.path.join(data, "wmt14_translate", "fr-en", "1.0.0", "dataset_info.json")
+  with open(info_path) as f:
+    info = json.load(f)
+  info["fileFormat"] = "tfrecord"  # as if prepared by TensorFlow's default writer
+  with open(info_path, "w") as f:
+    json.dump(info, f)
+  monkeypatch.setitem(sys.modules, "tensorflow", None)  # import tensorflow -> ImportError
+  with pytest.raises(DataError) as e:
+    sources.load_pairs(cfg(tfds_data_dir=data))
+  assert str(e.value) == (f"{data}/wmt14_translate/fr-en/1.0.0: wmt14_translate/fr-en was "
+                          "prepared as tfrecord, which only TensorFlow can read: pip install "
+                          "tensorflow-cpu, or prepare it again with file_format='array_record' "
+                          "(what --data.tfds_manual_dir does)")
+
+
+def test_archives_are_unpacked_again_when_they_change_and_garbage_is_an_error(tmp_path):
+  manual, out = str(tmp_path / "manual"), str(tmp_path / "extracted")
+  os.makedirs(manual)
+  for text in ("first", "second"):
+    with tarfile.open(os.path.join(manual, "a.tgz"), "w:gz") as tar:
+      _add(tar, "dir/x.txt", text.encode())
+    os.utime(os.path.join(manual, "a.tgz"), ns=(0, len(text)))  # a distinct modification time
+    sources.extract_archives(manual, ["a.tgz", "notes.txt"], out)
+    with open(os.path.join(out, "TAR_GZ.a.tgz", "dir", "x.txt")) as f:
+      assert f.read() == text
+  assert sorted(os.listdir(out)) == ["TAR_GZ.a.tgz", "TAR_GZ.a.tgz.from"]
+  with open(os.path.join(manual, "b.tar"), "wb") as f:
+    f.write(b"not a tar file at all" * 30)
+  with pytest.raises(DataError, match=r"b\.tar: cannot unpack .*is the download complete\?") as e:
+    sources.extract_archives(manual, ["b.tar"], out)
+  assert "\n" not in str(e.value)
