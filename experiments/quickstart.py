@@ -24,23 +24,20 @@ def config() -> c.Config:
 
 
 def show_results(cfg: c.Config, workdir: str) -> None:
-  """Prints a few translations of test sentences."""
-  from s2s_jax import checkpoint, decode
-  from s2s_jax.data import pipeline, sources, tokenize
-  import numpy as np
+  """Prints a few beam-search translations of test sentences and the test BLEU."""
+  from s2s_jax import evaluate, translate
+  from s2s_jax.data import sources
 
-  _, params, src_vocab, tgt_vocab, _ = checkpoint.load_model(workdir)
-  pairs = sources.load_pairs(cfg.data)["test"][:5]
-  tok = tokenize.tokenizer(cfg.data.tokenizer, cfg.data.src_lang)
-  detok = tokenize.detokenizer(cfg.data.tokenizer, cfg.data.tgt_lang)
-  ids = [pipeline.encode_source(tok(s), src_vocab, cfg.data.reverse_source) for s, _ in pairs]
-  length = max(len(x) for x in ids)
-  src = np.zeros((len(ids), length), np.int32)
-  for i, x in enumerate(ids):
-    src[i, :len(x)] = x
-  out, _ = decode.greedy(params, src, cfg=cfg.model, max_len=int(1.5 * length) + 10)
-  for (s, r), row in zip(pairs, np.asarray(out)):
-    print(f"source: {s}\nmodel:  {detok(tgt_vocab.decode(row))}\nref:    {r}\n")
+  m = translate.load([workdir])
+  pairs = sources.load_pairs(m.cfg.data)["test"]
+  results, hyps = evaluate.evaluate(m, pairs, "test")
+  detok = translate.detokenizer(m)
+  for (s, r), h in list(zip(pairs, hyps))[:4]:
+    print(f"source: {s}\nmodel:  {detok(h)}\nref:    {r}\n")
+  path = evaluate.save_results(results, workdir)
+  print(f"test BLEU {results['bleu']:.2f} ({results['signature']}); tokenized BLEU "
+        f"{results['bleu_tok']:.2f}; perplexity {results['perplexity']:.3f}; beam "
+        f"{m.cfg.decode.beam_size}; saved to {path}")
 
 
 if __name__ == "__main__":
