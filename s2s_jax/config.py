@@ -24,6 +24,7 @@ class ModelConfig:
   embed_size: int = 1000  # word embedding size, source and target
   init_scale: float = 0.08  # every parameter starts U(-init_scale, init_scale)
   compute_dtype: str = "float32"  # float32 | bfloat16: dtype of matmul operands (params stay f32)
+  custom_vjp: bool = True  # hand-written backward of the LSTM layers and softmax loss (faster; false = autodiff, needed for forward-mode jvp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +34,13 @@ class DataConfig:
   src_lang: str = "en"  # source language code (file suffix for source=text)
   tgt_lang: str = "fr"  # target language code
   reverse_source: bool = True  # feed source words in reverse order (the paper's trick)
-  max_len: int = 50  # drop training pairs with more tokens than this on either side
+  max_len: int = 50  # drop training pairs with more tokens than this on either side (0 = no limit)
   src_vocab_size: int = 160_000  # most frequent source tokens kept (plus specials)
   tgt_vocab_size: int = 80_000  # most frequent target tokens kept (plus specials)
   tokenizer: str = "moses"  # moses | none (pre-tokenized, split on spaces) | sentencepiece
   spm_vocab_size: int = 8000  # sentencepiece model size when tokenizer=sentencepiece
-  bucket_width: int = 5  # padded lengths are multiples of this: a bounded set of compiled shapes
+  bucket_width: int = 2  # padded lengths are multiples of this: a bounded set of compiled shapes
+  bucket_growth: float = 0.2  # each padded length >= (1 + this) x the previous one (0 = every multiple)
   tfds_name: str = "wmt14_translate/fr-en"  # TFDS builder/config for source=tfds
   tfds_data_dir: str = ""  # TFDS data_dir ("" = TFDS default)
   tfds_manual_dir: str = ""  # folder holding manually downloaded WMT files for TFDS
@@ -72,7 +74,8 @@ class TrainConfig:
   log_every: int = 50  # steps between training metric lines
   seed: int = 0  # parameter init and batch order
   eval_batch_size: int = 128  # sentences per validation batch
-  max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
+  max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (0 = never)
+  allow_config_change: bool = False  # resume a WORKDIR whose config.json differs (see workdir.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,7 @@ class DecodeConfig:
   max_len_b: int = 10  # see max_len_a
   length_penalty: float = 0.0  # GNMT alpha; 0 = the paper (no length normalisation)
   batch_size: int = 64  # sentences decoded together
+  max_input_len: int = 200  # source tokens kept when translating; longer inputs are cut (warning)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,8 +25,11 @@ import optax
 from s2s_jax import checkpoint
 from s2s_jax import config as config_lib
 from s2s_jax import model
+from s2s_jax import workdir as workdir_lib
+from s2s_jax import parallel
 from s2s_jax.config import Config, ModelConfig
 from s2s_jax.data import pipeline
+from s2s_jax.data import sources
 from s2s_jax.data.vocab import PAD_ID
 
 TrainState = dict[str, Any]  # {"params", "opt_state", "step", "rng"}
@@ -42,9 +45,16 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, src_vocab: int,
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConfig,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on the paper's loss. A non-finite loss or gradient leaves the state as it was."""
-  (loss, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(state["params"], batch, cfg)
+               tx: optax.GradientTransformation, loss_fn: Callable = model.loss_fn,
+               reduce: Callable | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on the paper's loss. A non-finite loss or gradient leaves the state as it was.
+
+  `loss_fn` and `reduce` come from `parallel.loss_and_reduce`: a vocabulary-sharded loss, or
+  under pmap each device's share of the loss and a psum of (loss, aux, grads) over devices.
+  """
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, cfg)
+  if reduce is not None:
+    loss, aux, grads = reduce((loss, aux, grads))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -59,17 +69,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConf
   return new_state, metrics
 
 
-def eval_step(params: model.Params, batch: dict[str, jax.Array], *,
-              cfg: ModelConfig) -> dict[str, jax.Array]:
-  _, aux = model.loss_fn(params, batch, cfg)
+def eval_step(params: model.Params, batch: dict[str, jax.Array], *, cfg: ModelConfig,
+              loss_fn: Callable = model.loss_fn) -> dict[str, jax.Array]:
+  _, aux = loss_fn(params, batch, cfg)
   return {"nll_sum": aux["nll_sum"], "num_tokens": aux["num_tokens"]}
 
 
-def make_steps(cfg: Config, tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
-  """Jitted (train_step, eval_step); the train state is donated."""
-  train = jax.jit(functools.partial(train_step, cfg=cfg.model, tx=tx), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, cfg=cfg.model))
-  return train, evaluate
+def make_steps(cfg: Config, tx: optax.GradientTransformation,
+               layout: parallel.Layout | None = None) -> tuple[Callable, Callable]:
+  """Jitted (train_step, eval_step); the train state is donated.
+
+  Without `layout`: plain jit on the default device. With one (`parallel.make_layout`): the
+  strategy it names (mesh or pmap) on its devices; the steps then take the state placed by
+  `parallel.place_state` and global host batches.
+  """
+  if layout is None:
+    train = jax.jit(functools.partial(train_step, cfg=cfg.model, tx=tx), donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, cfg=cfg.model))
+    return train, evaluate
+  loss, reduce = parallel.loss_and_reduce(layout)
+  return parallel.compile_steps(
+      layout, functools.partial(train_step, cfg=cfg.model, tx=tx, loss_fn=loss, reduce=reduce),
+      functools.partial(eval_step, cfg=cfg.model, loss_fn=loss))
 
 
 def perplexity(eval_fn: Callable, params: model.Params,
@@ -94,10 +115,13 @@ def count_words(batch: dict[str, np.ndarray]) -> int:
 class MetricsWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, active: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.active = active  # False on every process but the first of a multi-host run
 
   def write(self, record: dict[str, Any]) -> None:
+    if not self.active:
+      return
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -134,38 +158,58 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`. Returns the final metrics."""
-  os.makedirs(workdir, exist_ok=True)
-  config_lib.save_json(cfg, os.path.join(workdir, "config.json"))
-  corpus = pipeline.load_corpus(cfg.data, workdir)
+  parallel.initialize(cfg.parallel)  # multi-host: before anything touches a device
+  layout = parallel.make_layout(cfg.parallel, {"train.batch_size": cfg.train.batch_size,
+                                               "train.eval_batch_size": cfg.train.eval_batch_size})
+  main_process = parallel.is_main_process()
+  if not main_process:  # logging, progress bar and metrics on process 0 only
+    logging.getLogger().setLevel(logging.WARNING)
+    progress = False
+  logging.info("devices: %s strategy, mesh %s, %d process(es)", layout.strategy,
+               dict(layout.mesh.shape), jax.process_count())
+  # Process 0 writes the WORKDIR files first; the others then read what it wrote.
+  # check_config refuses a config that differs from the saved one.
+  parallel.main_process_first(lambda: workdir_lib.check_config(cfg, workdir))
+  corpus = parallel.main_process_first(lambda: pipeline.load_corpus(cfg.data, workdir))
   batches = pipeline.BatchIterator(corpus.examples["train"], cfg.train.batch_size,
-                                   cfg.data.bucket_width, cfg.train.seed)
+                                   cfg.data.bucket_width, cfg.train.seed, cfg.data.bucket_growth)
   valid = corpus.examples["valid"]
   if cfg.data.max_eval_sentences > 0:
     valid = valid[:cfg.data.max_eval_sentences]
   valid_batches = lambda: pipeline.eval_batches(valid, cfg.train.eval_batch_size,
-                                                cfg.data.bucket_width)
+                                                cfg.data.bucket_width, cfg.data.bucket_growth)
   steps_per_epoch = batches.batches_per_epoch
   num_steps = total_steps(cfg, steps_per_epoch)
 
   from s2s_jax import optim
   tx, schedule = optim.make_optimizer(cfg.optim, steps_per_epoch)
-  state = init_state(cfg, tx, len(corpus.src_vocab), len(corpus.tgt_vocab))
+  state = parallel.place_state(layout, init_state(cfg, tx, len(corpus.src_vocab),
+                                                  len(corpus.tgt_vocab)))
   logging.info("model: %d parameters; vocab %d source, %d target; %d steps (%.2f epochs of %d)",
                model.num_params(state["params"]), len(corpus.src_vocab), len(corpus.tgt_vocab),
                num_steps, num_steps / steps_per_epoch, steps_per_epoch)
 
   mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
-  latest = mngr.latest_step()
-  if latest is not None:
-    state, data_state = checkpoint.restore(mngr, latest, state)
-    batches.restore(data_state)
+  restored = checkpoint.restore_newest(mngr, state)  # falls back past corrupted checkpoints
+  if restored is not None:
+    state, data_state, latest = restored
+    try:
+      batches.restore(data_state)
+    except ValueError as e:  # the corpus is not the one the checkpoint was trained on
+      where = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(latest))
+      raise sources.DataError(f"{where}: {e}; resume with the original corpus, or use a new "
+                              "--workdir") from None
     logging.info("resumed from checkpoint at step %d (epoch %d, batch %d)", latest,
                  batches.epoch, batches.index)
 
-  train_fn, eval_fn = make_steps(cfg, tx)
-  writer = MetricsWriter(workdir)
-  step = int(state["step"])
+  train_fn, eval_fn = make_steps(cfg, tx, layout)
+  writer = MetricsWriter(workdir, active=main_process)
+  step = start_step = int(state["step"])
   result: dict[str, Any] = {"step": step}
+  # Records past the restored step describe lost work: drop them, as if never interrupted.
+  kept = parallel.main_process_first(
+      lambda: workdir_lib.rewind_metrics(writer.path, step if restored is not None else -1))
+  evaluated = {r["step"] for r in kept if r.get("kind") == "valid"}  # steps not to log again
   pending: list[tuple[dict, int]] = []
   words, t_last = 0, time.perf_counter()
   bad_streak = 0
@@ -175,6 +219,8 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
     if not pending:
       return
     host = jax.device_get([m for m, _ in pending])
+    skipped = sum(1 for m in host if not bool(m["finite"]))
+    host = [m for m in host if bool(m["finite"])] or host  # skipped steps stay out of the means
     nll = sum(float(m["nll_sum"]) for m in host)
     toks = sum(int(m["num_tokens"]) for m in host)
     now = time.perf_counter()
@@ -182,7 +228,7 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
            "loss": float(np.mean([float(m["loss"]) for m in host])),
            "train_nll": nll / max(toks, 1), "train_ppl": math.exp(min(nll / max(toks, 1), 700.0)),
            "lr": float(schedule(step - 1)), "grad_norm": float(host[-1]["grad_norm"]),
-           "words_per_s": words / max(now - t_last, 1e-9)}
+           "words_per_s": words / max(now - t_last, 1e-9), "skipped_steps": skipped}
     writer.write(rec)
     result.update(rec)
     pending, words, t_last = [], 0, now
@@ -192,7 +238,9 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
 
   def run_eval():
     _, ppl = perplexity(eval_fn, state["params"], valid_batches())
-    writer.write({"kind": "valid", "step": step, "valid_ppl": ppl})
+    if step not in evaluated:
+      writer.write({"kind": "valid", "step": step, "valid_ppl": ppl})
+      evaluated.add(step)
     result["valid_ppl"] = ppl
     logging.info("step %d: valid_ppl %.3f", step, ppl)
 
@@ -212,6 +260,9 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
     logging.warning("step %d: non-finite loss or gradient; update skipped (epoch %d, batch %d)",
                     at_step, *position)
     if cfg.train.max_bad_steps > 0 and bad_streak >= cfg.train.max_bad_steps:
+      mngr.wait_until_finished()
+      if bar is not None:
+        bar.close()
       raise FloatingPointError(f"{bad_streak} consecutive non-finite steps ending at step {at_step}; "
                                "lower optim.learning_rate or check the data")
 
@@ -240,7 +291,8 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
     if previous is not None:
       check_finite(*previous)
     log_train()
-    if stop.received is None and (not cfg.train.eval_every or step % cfg.train.eval_every):
+    if stop.received is None and (not cfg.train.eval_every or step % cfg.train.eval_every
+                                  or step == start_step):  # (resumed at the end: report it)
       run_eval()
     if mngr.latest_step() != step:
       save()
@@ -262,6 +314,11 @@ def setup_logging() -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# Errors whose message already says what is wrong and what to do; `main` prints them as one line.
+CLI_ERRORS = (config_lib.ConfigError, sources.DataError, checkpoint.CheckpointError,
+              FileNotFoundError, FloatingPointError)
+
+
 def main(preset: Config, argv: Sequence[str], after: Callable[[Config, str], None] | None = None) -> int:
   """Command line of the experiment presets: --workdir DIR and --section.field=value overrides."""
   setup_logging()
@@ -275,8 +332,12 @@ def main(preset: Config, argv: Sequence[str], after: Callable[[Config, str], Non
     print("error: --workdir DIR is required", file=sys.stderr)
     return 2
   workdir = extras["workdir"]
-  result = train(cfg, workdir)
-  if after is not None and not result.get("interrupted"):
-    after(cfg, workdir)
+  try:
+    result = train(cfg, workdir)
+    if after is not None and not result.get("interrupted"):
+      after(cfg, workdir)
+  except CLI_ERRORS as e:  # the program's own diagnoses: one line, no traceback
+    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+    return 2 if isinstance(e, config_lib.ConfigError) else 1
   print(json.dumps({k: result[k] for k in ("step", "valid_ppl", "train_ppl") if k in result}))
   return 0

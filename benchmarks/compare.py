@@ -1,0 +1,456 @@
+"""Benchmark s2s_jax against the PyTorch reference, side by side in one process.
+
+  python -m benchmarks.compare --config small|medium|paper [--steps N] [--dtype both]
+      [--skip-torch] [--beams 2,12] [--json FILE]
+
+Measures, for the same model sizes, batch and initial weights:
+  train   one step of s2s_jax.train.train_step (the jitted step from train.make_steps, the
+          optimizer from s2s_jax.optim) vs torch_ref.Trainer.step; source+target tokens/s.
+  greedy  s2s_jax.decode.greedy vs torch_ref.greedy, 50 steps at most; sentences/s.
+  beam    s2s_jax.decode.beam for each beam size (--beams), compared per hypothesis-step
+          with PyTorch's greedy decoding.
+Timed repetitions of every variant are interleaved (ours f32, torch f32, ours bf16, torch bf16,
+...) so that load from other processes hits all of them alike; each figure is a median. The
+machine's matmul peak (f32 and bf16, JAX and torch, the best of each dtype) is measured in the
+same run. The last line is `ratio train=X decode=Y`: our best variant over PyTorch's best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+CONFIGS = {  # name: (layers, hidden = embed, source vocab, target vocab, batch, sentence length)
+    "small": (2, 256, 8_000, 8_000, 64, 20),
+    "medium": (4, 512, 16_000, 16_000, 128, 30),
+    "paper": (4, 1000, 160_000, 80_000, 128, 30),
+}
+DEFAULT_STEPS = {"small": 10, "medium": 5, "paper": 3}
+DECODE_STEPS = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  layers: int
+  hidden: int
+  src_vocab: int
+  tgt_vocab: int
+  batch: int
+  length: int
+
+  def lstm_flops(self) -> int:
+    """Matmul FLOPs of one token through an L-layer LSTM (embed = hidden)."""
+    return self.layers * 2 * 4 * self.hidden * 2 * self.hidden
+
+  def softmax_flops(self) -> int:
+    return 2 * self.hidden * self.tgt_vocab
+
+  def train_flops(self) -> int:
+    """Forward + backward (= 3x forward) matmul FLOPs of one train step."""
+    s = t = self.length
+    return 3 * self.batch * (s * self.lstm_flops() + t * (self.lstm_flops() + self.softmax_flops()))
+
+  def decode_flops(self, steps: int, beam: int = 1) -> int:
+    per_step = self.lstm_flops() + self.softmax_flops()
+    return self.batch * (self.length * self.lstm_flops() + steps * beam * per_step)
+
+
+# ---------------------------------------------------------------- timing and memory helpers
+
+def _rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim_heap() -> None:
+  """Gives freed heap memory back to the OS so that RSS measures live memory."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
+
+
+class PeakRss:
+  """Samples this process's RSS every `interval` s; `.extra` = peak minus RSS at entry."""
+
+  def __init__(self, interval: float = 0.002):
+    self.interval, self.extra = interval, 0
+
+  def __enter__(self):
+    _trim_heap()
+    self.base = self.peak = _rss_bytes()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+    return self
+
+  def _run(self):
+    while not self._stop.wait(self.interval):
+      self.peak = max(self.peak, _rss_bytes())
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, _rss_bytes())
+    self.extra = self.peak - self.base
+    return False
+
+
+@dataclasses.dataclass
+class Variant:
+  """One measured row: `run()` does the work once and returns when it is finished."""
+  name: str  # e.g. "ours f32"
+  task: str  # train | greedy | beam2 | ...
+  framework: str  # ours | torch
+  dtype: str  # float32 | bfloat16
+  run: Callable[[], Any]
+  flops: int
+  units: float  # tokens (train) or sentences (decode) per run
+  hyp_steps: float = 0.0  # decode: hypotheses x steps per run
+  state_bytes: int = 0  # persistent memory the variant owns (params, optimizer state)
+  times: list = dataclasses.field(default_factory=list)
+  step_extra_bytes: int = 0
+  compile_s: float = 0.0
+  note: str = ""
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.times)
+
+  @property
+  def peak_mb(self) -> float:
+    return (self.state_bytes + self.step_extra_bytes) / 2**20
+
+
+def run_interleaved(variants: list[Variant], warmup: int, reps: int, log: Callable) -> None:
+  """Warm-up (the last one under the RSS sampler), then `reps` rounds over all variants."""
+  for v in variants:
+    for i in range(warmup):
+      if i == warmup - 1:
+        with PeakRss() as mem:
+          v.run()
+        v.step_extra_bytes = mem.extra
+      else:
+        v.run()
+    log(f"  warmed up {v.task} {v.name}")
+  for r in range(reps):
+    for v in variants:
+      t0 = time.perf_counter()
+      v.run()
+      v.times.append(time.perf_counter() - t0)
+    log(f"  round {r + 1}/{reps}: " + ", ".join(f"{v.task} {v.name} {v.times[-1]*1e3:.0f} ms"
+                                                 for v in variants))
+
+
+# ---------------------------------------------------------------- matmul peak
+
+def matmul_peak(n: int, reps: int, with_torch: bool) -> dict[str, float]:
+  """Best FLOP/s of an n x n x n matmul, per framework and dtype."""
+  import jax
+  import jax.numpy as jnp
+  out = {}
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  cases = {"jax float32": (jax.jit(lambda x, y: x @ y), a),
+           "jax bfloat16": (jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)),
+                            a.astype(jnp.bfloat16))}
+  for name, (f, x) in cases.items():
+    f(x, x).block_until_ready()
+    best = min(_timed(lambda: f(x, x).block_until_ready()) for _ in range(reps))
+    out[name] = 2 * n**3 / best
+  if with_torch:
+    import torch
+    for dt in ("float32", "bfloat16"):
+      t = torch.randn(n, n).to(getattr(torch, dt))
+      t @ t
+      best = min(_timed(lambda: t @ t) for _ in range(reps))
+      out[f"torch {dt}"] = 2 * n**3 / best
+  return out
+
+
+def _timed(f: Callable) -> float:
+  t0 = time.perf_counter()
+  f()
+  return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def make_batch(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
+  """Full-length sentences (no padding): ids >= 4, the target ending in </s>."""
+  rng = np.random.default_rng(seed)
+  src = rng.integers(4, shape.src_vocab, (shape.batch, shape.length), dtype=np.int32)
+  tgt = rng.integers(4, shape.tgt_vocab, (shape.batch, shape.length), dtype=np.int32)
+  tgt[:, -1] = 3  # EOS_ID
+  return {"src": src, "tgt": tgt}
+
+
+def tree_bytes(tree) -> int:
+  import jax
+  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Variant], dict]:
+  """The train and decode variants of both frameworks, sharing one set of initial weights."""
+  import jax
+  import jax.numpy as jnp
+  from s2s_jax import config as config_lib
+  from s2s_jax import decode, model, optim, train
+
+  cfg = config_lib.override(config_lib.Config(), {
+      "model.num_layers": shape.layers, "model.hidden_size": shape.hidden,
+      "model.embed_size": shape.hidden, "train.batch_size": shape.batch})
+  dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+  tx, _ = optim.make_optimizer(cfg.optim, steps_per_epoch=1000)
+  batch_np = make_batch(shape)
+  batch = jax.device_put(batch_np)
+  tokens = float(np.sum(batch_np["src"] != 0) + np.sum(batch_np["tgt"] != 0))
+  state0 = train.init_state(cfg, tx, shape.src_vocab, shape.tgt_vocab)
+  params_host = jax.device_get(state0["params"])
+  info: dict[str, Any] = {"params": model.num_params(params_host)}
+
+  train_vs, decode_vs = [], []
+  nets = {}
+  if not args.skip_torch:
+    import torch
+    from benchmarks import torch_ref
+    torch.manual_seed(0)
+    src_t = torch.from_numpy(batch_np["src"]).long()
+    tgt_t = torch.from_numpy(batch_np["tgt"]).long()
+    # The same function in both frameworks: compare the initial losses in float32.
+    net = torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab, shape.tgt_vocab)
+    net.load_params(params_host)
+    with torch.no_grad():
+      loss_t = float(net.loss(src_t, tgt_t))
+    loss_j = float(jax.jit(lambda p, b: model.loss_fn(p, b, cfg.model)[0])(state0["params"], batch))
+    info["check_loss"] = {"ours": loss_j, "torch": loss_t}
+    log(f"check: initial float32 loss ours {loss_j:.6f} torch {loss_t:.6f} "
+        f"(rel. diff {abs(loss_j - loss_t) / abs(loss_t):.1e})")
+    del net
+
+  for dt in dtypes:
+    short = "f32" if dt == "float32" else "bf16"
+    cfg_d = config_lib.override(cfg, {"model.compute_dtype": dt})
+    if "train" in args.tasks:
+      step_fn, _ = train.make_steps(cfg_d, tx)
+      holder = {"state": jax.tree_util.tree_map(jnp.array, state0)}  # a copy: the step donates it
+      t0 = time.perf_counter()
+      compiled = step_fn.lower(holder["state"], batch).compile()
+      compile_s = time.perf_counter() - t0
+
+      def run_ours(compiled=compiled, holder=holder):
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+
+      train_vs.append(Variant(f"ours {short}", "train", "ours", dt, run_ours, shape.train_flops(),
+                              tokens, state_bytes=tree_bytes(holder["state"]), compile_s=compile_s))
+      log(f"  compiled ours train {short} in {compile_s:.1f} s")
+    if not args.skip_torch and "train" in args.tasks:
+      net = torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab, shape.tgt_vocab)
+      net.load_params(params_host)
+      trainer = torch_ref.Trainer(net, cfg.optim.learning_rate, cfg.optim.clip_norm, bf16=dt == "bfloat16")
+      pbytes = sum(p.numel() * p.element_size() for p in net.parameters())
+      for th in args.torch_threads:  # variants share the net: SGD steps cost the same whatever the weights
+        train_vs.append(Variant(f"torch {short} {th}t", "train", "torch", dt,
+                                _with_threads(th, lambda trainer=trainer: trainer.step(src_t, tgt_t)),
+                                shape.train_flops(), tokens, state_bytes=pbytes))
+    if "decode" in args.tasks:
+      params = jax.device_put(params_host)
+      src = batch["src"]
+      kw = dict(cfg=cfg_d.model, max_len=DECODE_STEPS, len_a=0.0, len_b=DECODE_STEPS)
+      toks, _ = decode.greedy(params, src, **kw)  # compiles
+      steps = int(np.max(np.sum(np.asarray(toks) != 0, axis=1)))
+      decode_vs.append(Variant(f"ours {short}", "greedy", "ours", dt,
+                               lambda params=params, kw=kw: jax.block_until_ready(
+                                   decode.greedy(params, src, **kw)),
+                               shape.decode_flops(steps), shape.batch, shape.batch * steps,
+                               state_bytes=tree_bytes(params), note=f"{steps} steps"))
+      for k in args.beams:
+        bkw = dict(kw, beam_size=k, nbest=1)
+        run_beam = lambda params=params, bkw=bkw: jax.block_until_ready(decode.beam(params, src, **bkw))
+        hyps = run_beam()  # compiles
+        # steps run = the longest complete hypothesis (the search stops once no live one can win)
+        steps_k = int(np.max(np.sum(np.asarray(hyps.tokens_BxNxT) != 0, axis=-1)))
+        decode_vs.append(Variant(f"ours {short}", f"beam{k}", "ours", dt, run_beam,
+                                 shape.decode_flops(steps_k, k), shape.batch,
+                                 shape.batch * k * steps_k, state_bytes=tree_bytes(params),
+                                 note=f"{steps_k} steps"))
+      if not args.skip_torch:
+        net = torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab,
+                                shape.tgt_vocab)
+        net.load_params(params_host)
+        bf16 = dt == "bfloat16"
+        out_t, _ = torch_ref.greedy(net, src_t, DECODE_STEPS, bf16)
+        steps_t = int((out_t != 0).sum(dim=1).max())
+        pbytes = sum(p.numel() * p.element_size() for p in net.parameters())
+        for th in args.torch_threads:
+          decode_vs.append(Variant(
+              f"torch {short} {th}t", "greedy", "torch", dt,
+              _with_threads(th, lambda net=net, bf16=bf16: torch_ref.greedy(net, src_t, DECODE_STEPS, bf16)),
+              shape.decode_flops(steps_t), shape.batch, shape.batch * steps_t, state_bytes=pbytes,
+              note=f"{steps_t} steps"))
+  return train_vs, decode_vs, info
+
+
+def _with_threads(n: int, fn: Callable) -> Callable:
+  """fn run with torch using n intra-op threads (set before every call: variants alternate)."""
+  import torch
+
+  def run():
+    torch.set_num_threads(n)
+    return fn()
+  return run
+
+
+# ---------------------------------------------------------------- report
+
+def report(train_vs: list[Variant], decode_vs: list[Variant], peak: dict[str, float]) -> list[str]:
+  """The table rows (markdown) and the ratios of our best to PyTorch's best."""
+  best_peak = {dt: max(v for k, v in peak.items() if k.endswith(dt)) for dt in ("float32", "bfloat16")}
+  lines = ["| task | variant | median ms | tokens/s or sent/s | hyp-steps/s | GFLOP/s | % of peak "
+           "| peak MB | ours/torch-best | note |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  ratios = {}
+  for group, unit in ((train_vs, "tok/s"), (decode_vs, "sent/s")):
+    tasks = list(dict.fromkeys(v.task for v in group))
+    torch_best = {}
+    torch_rows = [v for v in group if v.framework == "torch"]
+    if torch_rows:
+      best = max(torch_rows, key=lambda v: v.units / v.median)
+      torch_best = {"rate": best.units / best.median, "hyp": best.hyp_steps / best.median}
+    for task in tasks:
+      for v in (v for v in group if v.task == task):
+        rate = v.units / v.median
+        flops = v.flops / v.median
+        ratio = ""
+        if torch_best:
+          # beams are compared per hypothesis-step with PyTorch's greedy decoding
+          r = (v.hyp_steps / v.median / torch_best["hyp"] if task.startswith("beam")
+               else rate / torch_best["rate"])
+          ratio = f"{r:.2f}"
+        hyp = f"{v.hyp_steps / v.median:,.0f}" if v.hyp_steps else ""
+        note = ", ".join(x for x in (v.note, f"compile {v.compile_s:.1f} s" if v.compile_s else "") if x)
+        lines.append(f"| {task} | {v.name} | {v.median*1e3:,.1f} | {rate:,.1f} {unit} | {hyp} "
+                     f"| {flops/1e9:,.1f} | {100*flops/best_peak[v.dtype]:.1f} | {v.peak_mb:,.0f} "
+                     f"| {ratio} | {note} |")
+      ours = [v for v in group if v.framework == "ours" and v.task == task]
+      if torch_best and ours and task in ("train", "greedy"):
+        ratios["train" if task == "train" else "decode"] = (
+            max(v.units / v.median for v in ours) / torch_best["rate"])
+  return lines, ratios
+
+
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+
+
+def _set_hugepages(on: bool, argv: list[str]) -> None:
+  """glibc reads its malloc tunables at process start: re-executes this command with them set.
+
+  Large per-step buffers (logits, activations) are fresh mmaps that XLA and torch touch page by
+  page; with transparent huge pages a 2 MB page replaces 512 faults.
+  """
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if on == (HUGEPAGES in tunables) or platform.system() != "Linux":
+    return
+  if on:
+    tunables = ":".join(t for t in (tunables, HUGEPAGES) if t)
+  else:
+    tunables = ":".join(t for t in tunables.split(":") if t and t != HUGEPAGES)
+  env = dict(os.environ, GLIBC_TUNABLES=tunables)
+  sys.stdout.flush()
+  os.execve(sys.executable, [sys.executable, "-m", "benchmarks.compare", *argv], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
+  p.add_argument("--config", choices=sorted(CONFIGS), default="small")
+  p.add_argument("--steps", type=int, default=0, help="timed train steps per variant (0 = by config)")
+  p.add_argument("--warmup", type=int, default=0, help="untimed runs per variant (0 = 2, paper 1)")
+  p.add_argument("--decode-reps", type=int, default=0, help="timed decodes per variant (0 = by config)")
+  p.add_argument("--dtype", choices=("both", "float32", "bfloat16"), default="both")
+  p.add_argument("--tasks", default="train,decode", help="comma list of train, decode")
+  p.add_argument("--beams", default="2,12", help="beam sizes for decode.beam_search")
+  p.add_argument("--skip-torch", action="store_true", help="measure ours only")
+  p.add_argument("--torch-threads", default="",
+                 help="comma list of torch thread counts, each its own variant (default: all cores and 1; "
+                      "on a busy machine 1 thread is often much faster)")
+  p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n x n peak matmul")
+  p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/s2s_jax/xla"),
+                 help="JAX compilation cache ('' = off)")
+  p.add_argument("--json", default="", help="also write the results to this file")
+  p.add_argument("--hugepages", choices=("on", "off"), default="on",
+                 help="run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for "
+                      "malloc; both frameworks; ~20%% faster large steps): restarts the process once")
+  args = p.parse_args(argv)
+  _set_hugepages(args.hugepages == "on", sys.argv[1:] if argv is None else list(argv))
+  args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+  args.beams = [int(k) for k in args.beams.split(",") if k.strip()]
+  args.torch_threads = list(dict.fromkeys(
+      int(n) for n in (args.torch_threads or f"{os.cpu_count()},1").split(",") if n.strip()))
+  shape = Shape(*CONFIGS[args.config])
+  steps = args.steps or DEFAULT_STEPS[args.config]
+  warmup = args.warmup or (1 if args.config == "paper" else 2)
+  decode_reps = args.decode_reps or steps
+
+  import jax
+  if args.cache_dir:
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  t_start = time.perf_counter()
+  load0 = os.getloadavg()[0]
+  log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+  log(f"config {args.config}: {shape}; {steps} timed steps; jax {jax.__version__} "
+      f"on {jax.devices()[0].device_kind}, {os.cpu_count()} cores")
+  peak = matmul_peak(args.peak_size, 5, not args.skip_torch)
+  log("matmul peak: " + ", ".join(f"{k} {v/1e12:.3f} TFLOP/s" for k, v in peak.items()))
+  train_vs, decode_vs, info = build(args, shape, log)
+  log(f"model: {info['params']:,} parameters")
+  if train_vs:
+    log("train:")
+    run_interleaved(train_vs, warmup, steps, log)
+  if decode_vs:
+    log("decode:")
+    run_interleaved(decode_vs, 1, decode_reps, log)
+  lines, ratios = report(train_vs, decode_vs, peak)
+
+  versions = f"jax {jax.__version__}"
+  if not args.skip_torch:
+    import torch
+    versions += f", torch {torch.__version__} (threads: {', '.join(map(str, args.torch_threads))})"
+  print(f"config {args.config} (L={shape.layers}, H=E={shape.hidden}, V={shape.src_vocab}/"
+        f"{shape.tgt_vocab}, batch {shape.batch}, length {shape.length}); {versions}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+  print(f"malloc: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (same for both frameworks)")
+  print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v/1e12:.3f}" for k, v in peak.items()))
+  print(f"load average (1 min) at start {load0:.1f}, at end {os.getloadavg()[0]:.1f} "
+        f"(other processes share these cores: compare within this run only)")
+  if "check_loss" in info:
+    c = info["check_loss"]
+    print(f"same function: initial float32 loss ours {c['ours']:.6f}, torch {c['torch']:.6f}")
+  print("\n".join(lines))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"config": args.config, "shape": dataclasses.asdict(shape), "peak": peak, "info": info,
+                 "ratios": ratios, "rows": [
+                     {"task": v.task, "variant": v.name, "times": v.times, "units": v.units,
+                      "hyp_steps": v.hyp_steps, "flops": v.flops, "peak_mb": v.peak_mb,
+                      "compile_s": v.compile_s, "note": v.note} for v in train_vs + decode_vs]},
+                f, indent=1)
+  print(f"ratio train={ratios.get('train', float('nan')):.2f} "
+        f"decode={ratios.get('decode', float('nan')):.2f}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
