@@ -201,9 +201,13 @@ def tree_bytes(tree) -> int:
 
 
 def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Variant], dict]:
-  """The train and decode variants of both frameworks, sharing one set of initial weights."""
+  """The train and decode variants of both frameworks, sharing one set of initial weights.
+
+  Variants of one framework share their weights (ours: one train state, passed from step to
+  step whatever the dtype; torch: one net for training, one for decoding), which keeps the
+  paper configuration in memory; the time of an SGD step does not depend on the weights.
+  """
   import jax
-  import jax.numpy as jnp
   from s2s_jax import config as config_lib
   from s2s_jax import decode, model, optim, train
 
@@ -215,91 +219,124 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   batch_np = make_batch(shape)
   batch = jax.device_put(batch_np)
   tokens = float(np.sum(batch_np["src"] != 0) + np.sum(batch_np["tgt"] != 0))
-  state0 = train.init_state(cfg, tx, shape.src_vocab, shape.tgt_vocab)
-  params_host = jax.device_get(state0["params"])
+  holder = {"state": train.init_state(cfg, tx, shape.src_vocab, shape.tgt_vocab)}
+  params_host = jax.device_get(holder["state"]["params"])
   info: dict[str, Any] = {"params": model.num_params(params_host)}
+  dec_b = args.decode_batch
+  src = batch["src"][:dec_b]
+  dec_shape = dataclasses.replace(shape, batch=dec_b)
 
   train_vs, decode_vs = [], []
-  nets = {}
   if not args.skip_torch:
     import torch
     from benchmarks import torch_ref
     torch.manual_seed(0)
     src_t = torch.from_numpy(batch_np["src"]).long()
     tgt_t = torch.from_numpy(batch_np["tgt"]).long()
+    new_net = lambda: torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab,
+                                        shape.tgt_vocab)
     # The same function in both frameworks: compare the initial losses in float32.
-    net = torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab, shape.tgt_vocab)
-    net.load_params(params_host)
+    train_net = new_net()
+    train_net.load_params(params_host)
     with torch.no_grad():
-      loss_t = float(net.loss(src_t, tgt_t))
-    loss_j = float(jax.jit(lambda p, b: model.loss_fn(p, b, cfg.model)[0])(state0["params"], batch))
+      loss_t = float(train_net.loss(src_t, tgt_t))
+    loss_j = float(jax.jit(lambda p, b: model.loss_fn(p, b, cfg.model)[0])(
+        holder["state"]["params"], batch))
     info["check_loss"] = {"ours": loss_j, "torch": loss_t}
     log(f"check: initial float32 loss ours {loss_j:.6f} torch {loss_t:.6f} "
         f"(rel. diff {abs(loss_j - loss_t) / abs(loss_t):.1e})")
-    del net
+    torch_bytes = sum(p.numel() * p.element_size() for p in train_net.parameters())
+    if "decode" in args.tasks:
+      decode_net = new_net()
+      decode_net.load_params(params_host)
+      src_dec_t = src_t[:dec_b]
+  if "decode" in args.tasks:
+    params = jax.device_put(params_host)  # decoding never changes it
+  del params_host
 
   for dt in dtypes:
     short = "f32" if dt == "float32" else "bf16"
     cfg_d = config_lib.override(cfg, {"model.compute_dtype": dt})
     if "train" in args.tasks:
       step_fn, _ = train.make_steps(cfg_d, tx)
-      holder = {"state": jax.tree_util.tree_map(jnp.array, state0)}  # a copy: the step donates it
       t0 = time.perf_counter()
       compiled = step_fn.lower(holder["state"], batch).compile()
       compile_s = time.perf_counter() - t0
 
-      def run_ours(compiled=compiled, holder=holder):
-        holder["state"], metrics = compiled(holder["state"], batch)
+      def run_ours(compiled=compiled):
+        holder["state"], metrics = compiled(holder["state"], batch)  # the state is donated
         jax.block_until_ready((holder["state"], metrics))
 
       train_vs.append(Variant(f"ours {short}", "train", "ours", dt, run_ours, shape.train_flops(),
                               tokens, state_bytes=tree_bytes(holder["state"]), compile_s=compile_s))
       log(f"  compiled ours train {short} in {compile_s:.1f} s")
-    if not args.skip_torch and "train" in args.tasks:
-      net = torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab, shape.tgt_vocab)
-      net.load_params(params_host)
-      trainer = torch_ref.Trainer(net, cfg.optim.learning_rate, cfg.optim.clip_norm, bf16=dt == "bfloat16")
-      pbytes = sum(p.numel() * p.element_size() for p in net.parameters())
-      for th in args.torch_threads:  # variants share the net: SGD steps cost the same whatever the weights
-        train_vs.append(Variant(f"torch {short} {th}t", "train", "torch", dt,
-                                _with_threads(th, lambda trainer=trainer: trainer.step(src_t, tgt_t)),
-                                shape.train_flops(), tokens, state_bytes=pbytes))
+      if not args.skip_torch:
+        trainer = torch_ref.Trainer(train_net, cfg.optim.learning_rate, cfg.optim.clip_norm,
+                                    bf16=dt == "bfloat16")
+        train_vs.append(Variant(f"torch {short}", "train", "torch", dt,
+                                lambda trainer=trainer: trainer.step(src_t, tgt_t),
+                                shape.train_flops(), tokens, state_bytes=torch_bytes))
     if "decode" in args.tasks:
-      params = jax.device_put(params_host)
-      src = batch["src"]
       kw = dict(cfg=cfg_d.model, max_len=DECODE_STEPS, len_a=0.0, len_b=DECODE_STEPS)
+      t0 = time.perf_counter()
       toks, _ = decode.greedy(params, src, **kw)  # compiles
+      compile_s = time.perf_counter() - t0
       steps = int(np.max(np.sum(np.asarray(toks) != 0, axis=1)))
       decode_vs.append(Variant(f"ours {short}", "greedy", "ours", dt,
-                               lambda params=params, kw=kw: jax.block_until_ready(
-                                   decode.greedy(params, src, **kw)),
-                               shape.decode_flops(steps), shape.batch, shape.batch * steps,
-                               state_bytes=tree_bytes(params), note=f"{steps} steps"))
+                               lambda kw=kw: jax.block_until_ready(decode.greedy(params, src, **kw)),
+                               dec_shape.decode_flops(steps), dec_b, dec_b * steps,
+                               state_bytes=tree_bytes(params), compile_s=compile_s,
+                               note=f"{steps} steps"))
       for k in args.beams:
         bkw = dict(kw, beam_size=k, nbest=1)
-        run_beam = lambda params=params, bkw=bkw: jax.block_until_ready(decode.beam(params, src, **bkw))
+        run_beam = lambda bkw=bkw: jax.block_until_ready(decode.beam(params, src, **bkw))
+        t0 = time.perf_counter()
         hyps = run_beam()  # compiles
+        compile_s = time.perf_counter() - t0
         # steps run = the longest complete hypothesis (the search stops once no live one can win)
         steps_k = int(np.max(np.sum(np.asarray(hyps.tokens_BxNxT) != 0, axis=-1)))
         decode_vs.append(Variant(f"ours {short}", f"beam{k}", "ours", dt, run_beam,
-                                 shape.decode_flops(steps_k, k), shape.batch,
-                                 shape.batch * k * steps_k, state_bytes=tree_bytes(params),
+                                 dec_shape.decode_flops(steps_k, k), dec_b, dec_b * k * steps_k,
+                                 state_bytes=tree_bytes(params), compile_s=compile_s,
                                  note=f"{steps_k} steps"))
       if not args.skip_torch:
-        net = torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab,
-                                shape.tgt_vocab)
-        net.load_params(params_host)
         bf16 = dt == "bfloat16"
-        out_t, _ = torch_ref.greedy(net, src_t, DECODE_STEPS, bf16)
+        out_t, _ = torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16)
         steps_t = int((out_t != 0).sum(dim=1).max())
-        pbytes = sum(p.numel() * p.element_size() for p in net.parameters())
-        for th in args.torch_threads:
-          decode_vs.append(Variant(
-              f"torch {short} {th}t", "greedy", "torch", dt,
-              _with_threads(th, lambda net=net, bf16=bf16: torch_ref.greedy(net, src_t, DECODE_STEPS, bf16)),
-              shape.decode_flops(steps_t), shape.batch, shape.batch * steps_t, state_bytes=pbytes,
-              note=f"{steps_t} steps"))
+        decode_vs.append(Variant(
+            f"torch {short}", "greedy", "torch", dt,
+            lambda bf16=bf16: torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16),
+            dec_shape.decode_flops(steps_t), dec_b, dec_b * steps_t, state_bytes=torch_bytes,
+            note=f"{steps_t} steps"))
   return train_vs, decode_vs, info
+
+
+def with_torch_threads(variants: list[Variant], counts: list[int], auto: bool, log: Callable
+                       ) -> list[Variant]:
+  """Each torch variant once per thread count, or (auto) at the count that ran it fastest.
+
+  On a machine whose cores are busy with other work, torch's OpenMP threads wait on each other
+  (a 2-thread step can take 3-10x longer than a 1-thread one), so the count is part of
+  measuring PyTorch at its best.
+  """
+  import torch
+  out = []
+  for v in variants:
+    if v.framework != "torch":
+      out.append(v)
+      continue
+    runs = {n: _with_threads(n, v.run) for n in counts}
+    if auto and len(counts) > 1:
+      runs[counts[0]]()  # warm-up
+      best = min(counts, key=lambda n: _timed(runs[n]))
+      log(f"  {v.task} {v.name}: {best} thread(s) ran fastest")
+      counts_v = [best]
+    else:
+      counts_v = counts
+    for n in counts_v:
+      out.append(dataclasses.replace(v, name=f"{v.name} {n}t", run=runs[n], times=[]))
+  torch.set_num_threads(counts[0])
+  return out
 
 
 def _with_threads(n: int, fn: Callable) -> Callable:
@@ -382,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--beams", default="2,12", help="beam sizes for decode.beam_search")
   p.add_argument("--skip-torch", action="store_true", help="measure ours only")
   p.add_argument("--torch-threads", default="",
-                 help="comma list of torch thread counts, each its own variant (default: all cores and 1; "
-                      "on a busy machine 1 thread is often much faster)")
+                 help="comma list of torch thread counts, each its own variant (default: all cores "
+                      "and 1; on a busy machine 1 thread is often much faster); 'auto' = time each "
+                      "count once and keep the fastest (the paper config's default)")
+  p.add_argument("--decode-batch", type=int, default=0,
+                 help="sentences per decode call (0 = the config's batch; paper 32)")
   p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n x n peak matmul")
   p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/s2s_jax/xla"),
                  help="JAX compilation cache ('' = off)")
@@ -395,12 +435,17 @@ def main(argv: list[str] | None = None) -> int:
   _set_hugepages(args.hugepages == "on", sys.argv[1:] if argv is None else list(argv))
   args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   args.beams = [int(k) for k in args.beams.split(",") if k.strip()]
+  threads = args.torch_threads or ("auto" if args.config == "paper" else "")
+  args.auto_threads = threads == "auto"
   args.torch_threads = list(dict.fromkeys(
-      int(n) for n in (args.torch_threads or f"{os.cpu_count()},1").split(",") if n.strip()))
+      int(n) for n in (f"{os.cpu_count()},1" if threads in ("", "auto") else threads).split(",")
+      if n.strip()))
   shape = Shape(*CONFIGS[args.config])
   steps = args.steps or DEFAULT_STEPS[args.config]
   warmup = args.warmup or (1 if args.config == "paper" else 2)
-  decode_reps = args.decode_reps or steps
+  decode_reps = args.decode_reps or min(steps, 3)
+  args.decode_batch = min(args.decode_batch or (32 if args.config == "paper" else shape.batch),
+                          shape.batch)
 
   import jax
   if args.cache_dir:
@@ -416,20 +461,27 @@ def main(argv: list[str] | None = None) -> int:
   log("matmul peak: " + ", ".join(f"{k} {v/1e12:.3f} TFLOP/s" for k, v in peak.items()))
   train_vs, decode_vs, info = build(args, shape, log)
   log(f"model: {info['params']:,} parameters")
+  if not args.skip_torch:
+    train_vs = with_torch_threads(train_vs, args.torch_threads, args.auto_threads, log)
+    decode_vs = with_torch_threads(decode_vs, args.torch_threads, args.auto_threads, log)
   if train_vs:
     log("train:")
     run_interleaved(train_vs, warmup, steps, log)
   if decode_vs:
     log("decode:")
     run_interleaved(decode_vs, 1, decode_reps, log)
+  again = matmul_peak(args.peak_size, 5, not args.skip_torch)  # the best of start and end
+  peak = {k: max(v, again[k]) for k, v in peak.items()}
   lines, ratios = report(train_vs, decode_vs, peak)
 
   versions = f"jax {jax.__version__}"
   if not args.skip_torch:
     import torch
-    versions += f", torch {torch.__version__} (threads: {', '.join(map(str, args.torch_threads))})"
+    versions += (f", torch {torch.__version__} (threads: {', '.join(map(str, args.torch_threads))}"
+                 f"{', fastest kept' if args.auto_threads else ''})")
   print(f"config {args.config} (L={shape.layers}, H=E={shape.hidden}, V={shape.src_vocab}/"
-        f"{shape.tgt_vocab}, batch {shape.batch}, length {shape.length}); {versions}; "
+        f"{shape.tgt_vocab}, batch {shape.batch} (decode {args.decode_batch}), length {shape.length}); "
+        f"{versions}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
   print(f"malloc: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (same for both frameworks)")
   print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v/1e12:.3f}" for k, v in peak.items()))

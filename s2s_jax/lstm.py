@@ -69,7 +69,7 @@ def matmul(x: Array, w: Array, dtype: jnp.dtype | None = None) -> Array:
 
 
 def affine(x: Array, w_KxM: Array, b_M: Array, dtype: jnp.dtype | None = None) -> Array:
-  """x @ w + b (x: ...xK) as one matmul [x, 1] @ [w; b], float32 result.
+  """x @ w + b (x: ...xK) as one matmul [x, 1] @ [w; b]; with `dtype` as `matmul`.
 
   Saves the separate pass over the (large) result that adding b costs on XLA's CPU backend.
   With a 16-bit `dtype` b is two rows, b_hi + b_lo, so that it keeps ~16 significant bits.
@@ -242,7 +242,7 @@ def stack_step(layers: list[LayerParams], x_BxI: Array, state: State,
   hs, cs = [], []
   inp = x_BxI
   for l, p in enumerate(layers):
-    gx = matmul(inp, p["w_x"], dtype) + p["b"]
+    gx = affine(inp, p["w_x"], p["b"], dtype)  # as `layer` computes it
     h, c = cell(p["w_h"], gx, state.h_LxBxH[l], state.c_LxBxH[l], dtype)
     hs.append(h)
     cs.append(c)

@@ -75,7 +75,7 @@ def decoder_inputs(tgt_BxT: Array) -> Array:
 
 def project(params: Params, h: Array, cfg: ModelConfig) -> Array:
   """Logits over the target vocabulary for hidden states h (...xH -> ...xV)."""
-  return lstm.matmul(h, params["softmax"]["w"], compute_dtype(cfg)) + params["softmax"]["b"]
+  return lstm.affine(h, params["softmax"]["w"], params["softmax"]["b"], compute_dtype(cfg))
 
 
 def decode_hidden(params: Params, state: lstm.State, tgt_BxT: Array, cfg: ModelConfig) -> Array:
@@ -106,7 +106,7 @@ def _softmax_pick(softmax: Params, h_TxBxH: Array, tgt_TxB: Array, cfg: ModelCon
 
 
 def _softmax_pick_fwd(softmax, h_TxBxH, tgt_TxB, cfg):
-  logits_TxBxV = lstm.affine(h_TxBxH, softmax["w"], softmax["b"], compute_dtype(cfg))
+  logits_TxBxV = project({"softmax": softmax}, h_TxBxH, cfg)
   max_TxBx1 = jnp.max(logits_TxBxV, axis=-1, keepdims=True)  # as jax.nn.log_softmax computes it
   lse_TxBx1 = jnp.log(jnp.sum(jnp.exp(logits_TxBxV - max_TxBx1), axis=-1, keepdims=True))
   picked_TxBx1 = jnp.take_along_axis(logits_TxBxV, tgt_TxB[..., None], axis=-1) - max_TxBx1
