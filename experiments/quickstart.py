@@ -3,6 +3,7 @@
     python -m experiments.quickstart --workdir runs/quickstart
 """
 
+import os
 import sys
 
 from s2s_jax import config as c
@@ -10,22 +11,30 @@ from s2s_jax import train
 
 
 def config() -> c.Config:
+  # Not the paper's recipe (that is experiments/wmt14.py): tuned to learn the embedded grammar in
+  # a few CPU minutes. Measured on 2 cores (see README): bfloat16 matmuls run ~1.7x faster than
+  # float32 here; Adam learns far faster than SGD 0.7 in 3k steps; 100k fresh pairs overfit less
+  # than 20k seen 10 times; a final halving phase (the paper's schedule, compressed) cut validation
+  # perplexity from ~4.0 to ~3.2.
   return c.Config(
-      model=c.ModelConfig(num_layers=2, hidden_size=256, embed_size=128, init_scale=0.08),
+      model=c.ModelConfig(num_layers=2, hidden_size=256, embed_size=128, init_scale=0.08,
+                          compute_dtype="bfloat16"),
       data=c.DataConfig(source="synthetic", reverse_source=True, src_vocab_size=2000,
-                        tgt_vocab_size=2000, tokenizer="moses", max_len=40,
-                        synthetic_train=20_000, synthetic_valid=500, synthetic_test=500),
-      optim=c.OptimConfig(name="sgd", learning_rate=0.7, clip_norm=5.0, schedule="paper",
-                          decay_start_epoch=5.0, decay_every_epochs=0.5),
-      train=c.TrainConfig(batch_size=64, num_epochs=7.5, eval_every=500, checkpoint_every=500,
+                        tgt_vocab_size=2000, tokenizer="moses", max_len=25,
+                        synthetic_train=100_000, synthetic_valid=500, synthetic_test=500),
+      optim=c.OptimConfig(name="adam", learning_rate=3e-3, clip_norm=5.0, schedule="paper",
+                          decay_start_epoch=1.5, decay_every_epochs=0.25),
+      train=c.TrainConfig(batch_size=64, num_epochs=2.5, eval_every=1000, checkpoint_every=1000,
                           log_every=50),
       decode=c.DecodeConfig(beam_size=4, batch_size=64),
   )
 
 
 def show_results(cfg: c.Config, workdir: str) -> None:
-  """Prints a few beam-search translations of test sentences and the test BLEU."""
+  """Prints beam-search translations of a few test sentences and the test BLEU, then draws the
+  training curves (WORKDIR/curves.png) and the PCA of encoder states (WORKDIR/pca.png)."""
   from s2s_jax import evaluate, translate
+  from s2s_jax.analysis import curves, pca
   from s2s_jax.data import sources
 
   m = translate.load([workdir])
@@ -38,6 +47,10 @@ def show_results(cfg: c.Config, workdir: str) -> None:
   print(f"test BLEU {results['bleu']:.2f} ({results['signature']}); tokenized BLEU "
         f"{results['bleu_tok']:.2f}; perplexity {results['perplexity']:.3f}; beam "
         f"{m.cfg.decode.beam_size}; saved to {path}")
+  curves.curves([workdir], ["quickstart"], workdir)
+  pca.main(["--workdir", workdir])
+  print(f"plots: {os.path.join(workdir, 'curves.png')} (training curves), "
+        f"{os.path.join(workdir, 'pca.png')} (Figure 2); more analyses: README, Reproducing the paper")
 
 
 if __name__ == "__main__":

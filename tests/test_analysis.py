@@ -231,3 +231,25 @@ def test_the_three_commands_on_a_tiny_model(toy_corpus, tmp_path, capsys):
 
   assert by_length.main(["--workdir", work, "--src", str(phrases)]) == 1
   assert "--src and --ref go together" in capsys.readouterr().err
+
+
+def test_curves_read_every_series_skip_a_torn_line_and_draw(tmp_path, caplog):
+  from s2s_jax.analysis import curves
+  run = tmp_path / "run"
+  run.mkdir()
+  lines = [{"kind": "valid", "step": 0, "valid_ppl": 900.0},
+           {"kind": "train", "step": 50, "train_ppl": 40.0, "lr": 0.7},
+           {"kind": "train", "step": 100, "train_ppl": 20.0, "lr": 0.35},
+           {"kind": "valid", "step": 100, "valid_ppl": 25.0}]
+  (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + '\n{"kind": "tra')
+  s = curves.read_series(str(run))
+  assert s == {"train_ppl": [[50, 40.0], [100, 20.0]], "lr": [[50, 0.7], [100, 0.35]],
+               "valid_ppl": [[0, 900.0], [100, 25.0]]}
+  assert "line 5: not JSON" in caplog.text
+  out = tmp_path / "out"
+  curves.curves([str(run), str(run)], ["a", "b"], str(out))
+  assert (out / "curves.png").stat().st_size > 1000
+  assert json.loads((out / "curves.json").read_text())["b"]["valid_ppl"] == [[0, 900.0], [100, 25.0]]
+  with pytest.raises(ValueError, match="2 names for 1"):
+    curves.curves([str(run)], ["a", "b"], str(out))
+  assert curves.main(["--workdir", str(tmp_path / "missing")]) == 2

@@ -34,12 +34,12 @@ def test_wrong_types_are_clear_errors(name, value):
 
 
 def test_json_round_trip(tmp_path):
-  cfg = c.override(quickstart.config(), {"optim.name": "adam", "optim.kwargs": '{"b2": 0.99}'})
+  cfg = c.override(quickstart.config(), {"optim.name": "adamw", "optim.kwargs": '{"b2": 0.99}'})
   path = str(tmp_path / "config.json")
   c.save_json(cfg, path)
   assert c.load_json(path) == cfg
   assert c.diff(cfg, c.load_json(path)) == []
-  assert c.diff(cfg, quickstart.config()) == ["optim.name: 'adam' -> 'sgd'",
+  assert c.diff(cfg, quickstart.config()) == ["optim.name: 'adamw' -> 'adam'",
                                               "optim.kwargs: {'b2': 0.99} -> {}"]
 
 
