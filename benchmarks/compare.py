@@ -195,6 +195,15 @@ def make_batch(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
   return {"src": src, "tgt": tgt}
 
 
+def model_config(shape: Shape, dtype: str = "float32"):
+  """The default Config (SGD, clip 5) at the benchmark's sizes."""
+  from s2s_jax import config as config_lib
+  return config_lib.override(config_lib.Config(), {
+      "model.num_layers": shape.layers, "model.hidden_size": shape.hidden,
+      "model.embed_size": shape.hidden, "train.batch_size": shape.batch,
+      "model.compute_dtype": dtype})
+
+
 def tree_bytes(tree) -> int:
   import jax
   return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
@@ -211,9 +220,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   from s2s_jax import config as config_lib
   from s2s_jax import decode, model, optim, train
 
-  cfg = config_lib.override(config_lib.Config(), {
-      "model.num_layers": shape.layers, "model.hidden_size": shape.hidden,
-      "model.embed_size": shape.hidden, "train.batch_size": shape.batch})
+  cfg = model_config(shape)
   dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
   tx, _ = optim.make_optimizer(cfg.optim, steps_per_epoch=1000)
   batch_np = make_batch(shape)

@@ -13,29 +13,23 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.compare import CONFIGS, Shape, make_batch
+from benchmarks.compare import CONFIGS, Shape, _timed, make_batch, model_config
 
 
 def median_ms(fn: Callable, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  """Median wall time of fn(*args), finished, after two untimed runs (compilation, warm-up)."""
+  run = lambda: jax.block_until_ready(fn(*args))
+  run()
+  run()
+  return 1e3 * statistics.median(_timed(run) for _ in range(reps))
 
 
 def main(argv: list[str] | None = None) -> int:
-  from s2s_jax import config as config_lib
   from s2s_jax import lstm, model, optim, train
   p = argparse.ArgumentParser(prog="python -m benchmarks.parts", description=__doc__.split("\n")[0])
   p.add_argument("--config", choices=sorted(CONFIGS), default="medium")
@@ -43,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--reps", type=int, default=7)
   args = p.parse_args(argv)
   s = Shape(*CONFIGS[args.config])
-  cfg = config_lib.override(config_lib.Config(), {
-      "model.num_layers": s.layers, "model.hidden_size": s.hidden, "model.embed_size": s.hidden,
-      "train.batch_size": s.batch, "model.compute_dtype": args.dtype})
+  cfg = model_config(s, args.dtype)
   tx, _ = optim.make_optimizer(cfg.optim, steps_per_epoch=1000)
   holder = {"state": train.init_state(cfg, tx, s.src_vocab, s.tgt_vocab)}
   batch = jax.device_put(make_batch(s))

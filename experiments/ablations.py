@@ -31,7 +31,6 @@ import functools
 import importlib
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -136,7 +135,8 @@ def _write(path: str, text: str) -> None:
 
 def median_train_wps(workdir: str) -> float | None:
   """Median training words/s of the WORKDIR's metrics.jsonl (the first line holds compilation)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  from s2s_jax.train import METRICS_FILE
+  path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return None
   values = []

@@ -48,7 +48,8 @@ def show_results(cfg: c.Config, workdir: str) -> None:
         f"{results['bleu_tok']:.2f}; perplexity {results['perplexity']:.3f}; beam "
         f"{m.cfg.decode.beam_size}; saved to {path}")
   curves.curves([workdir], ["quickstart"], workdir)
-  pca.main(["--workdir", workdir])
+  phrases = pca.load_phrases(None, m.cfg.data.src_lang)
+  print(pca.summary(pca.write_figure(m, workdir, phrases, "all", workdir)))
   print(f"plots: {os.path.join(workdir, 'curves.png')} (training curves), "
         f"{os.path.join(workdir, 'pca.png')} (Figure 2); more analyses: README, Reproducing the paper")
 

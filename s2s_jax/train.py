@@ -32,6 +32,8 @@ from s2s_jax.data import pipeline
 from s2s_jax.data import sources
 from s2s_jax.data.vocab import PAD_ID
 
+METRICS_FILE = "metrics.jsonl"  # in the WORKDIR: one JSON object per line
+
 TrainState = dict[str, Any]  # {"params", "opt_state", "step", "rng"}
 
 
@@ -116,7 +118,7 @@ class MetricsWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
 
   def __init__(self, workdir: str, active: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, METRICS_FILE)
     self.active = active  # False on every process but the first of a multi-host run
 
   def write(self, record: dict[str, Any]) -> None:

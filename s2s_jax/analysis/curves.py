@@ -19,8 +19,7 @@ import sys
 from typing import Any, Sequence
 
 from s2s_jax.analysis import common
-
-METRICS = "metrics.jsonl"
+from s2s_jax.train import METRICS_FILE
 
 
 def read_series(workdir: str) -> dict[str, list[list[float]]]:
@@ -29,7 +28,7 @@ def read_series(workdir: str) -> dict[str, list[list[float]]]:
   A line that is not JSON (say, the last one of a killed run) is skipped with a warning naming
   the file and line.
   """
-  path = os.path.join(workdir, METRICS)
+  path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: not found (is {workdir} a training WORKDIR?)")
   out: dict[str, list[list[float]]] = {"train_ppl": [], "valid_ppl": [], "lr": []}
@@ -101,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   labels = (args.labels.split(",") if args.labels
             else [os.path.basename(os.path.normpath(w)) for w in args.workdir])
+  out = args.out or args.workdir[0]
   try:
-    runs = curves(args.workdir, labels, args.out or args.workdir[0])
+    runs = curves(args.workdir, labels, out)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     last = s["valid_ppl"][-1] if s["valid_ppl"] else None
     print(f"{label}: {len(s['train_ppl'])} train points"
           + (f", last valid ppl {last[1]:.3f} at step {last[0]:.0f}" if last else ""))
-  print(f"wrote {os.path.join(args.out or args.workdir[0], 'curves.png')}")
+  print(f"wrote {os.path.join(out, 'curves.png')}")
   return 0
 
 

@@ -217,6 +217,20 @@ def analyse(m: translate.Loaded, phrases: Sequence[Phrase], state: str = "all") 
           "distances": distances, "voice_over_order": ratio_vo}
 
 
+def write_figure(m: translate.Loaded, workdir: str, phrases: Sequence[Phrase], state: str,
+                 folder: str) -> dict[str, Any]:
+  """`analyse`, then pca.png and pca.json in `folder`; returns the result."""
+  step = m.steps[0]
+  result = analyse(m, phrases, state)
+  result.update(workdir=workdir, step=step)
+  png = os.path.join(folder, "pca.png")
+  plot(np.array([[p["x"], p["y"]] for p in result["points"]]), phrases, png,
+       f"Encoder states ({state}), {os.path.basename(os.path.normpath(workdir))} step {step}")
+  common.write_json(os.path.join(folder, "pca.json"), result)
+  logging.info("wrote %s and %s", png, os.path.join(folder, "pca.json"))
+  return result
+
+
 def summary(result: dict[str, Any]) -> str:
   lines = [f"state: {result['state']} ({result['state_size']} numbers); PCA explains "
            f"{100 * sum(result['explained_variance_ratio']):.1f}% of the variance"]
@@ -238,17 +252,9 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--out", help="folder for pca.png and pca.json (default: the WORKDIR)")
   args = parser.parse_args(argv)
   m = translate.load([args.workdir])
-  step = m.steps[0]
   phrases = load_phrases(args.phrases, m.cfg.data.src_lang)
-  result = analyse(m, phrases, args.state)
-  result.update(workdir=args.workdir, step=step)
-  folder = common.out_dir(args)
-  png = os.path.join(folder, "pca.png")
-  plot(np.array([[p["x"], p["y"]] for p in result["points"]]), phrases, png,
-       f"Encoder states ({args.state}), {os.path.basename(os.path.normpath(args.workdir))} step {step}")
-  common.write_json(os.path.join(folder, "pca.json"), result)
+  result = write_figure(m, args.workdir, phrases, args.state, common.out_dir(args))
   print(summary(result))
-  logging.info("wrote %s and %s", png, os.path.join(folder, "pca.json"))
   return 0
 
 
