@@ -51,6 +51,7 @@ GROUPS = ("base", "forward", "depth", "beam", "member", "ensemble")  # row group
 
 TrainFn = Callable[[Config, str], dict[str, Any]]  # (config, WORKDIR) -> train.train's result
 EvalFn = Callable[[Sequence[str], int, str, int], dict[str, Any]]  # (WORKDIRs, beam, split, max)
+LengthFn = Callable[[Sequence[str], str, int], dict[str, Any]]  # (WORKDIRs, split, max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +187,42 @@ def steady_decode_wps(m: Any, lines: Sequence[str], ids: Sequence[Sequence[int]]
   return words / max(seconds, 1e-9)
 
 
+def within_training_length(m: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+  """The pairs training would have kept: at most data.max_len tokens a side (all if 0)."""
+  from s2s_jax import translate
+
+  limit = m.cfg.data.max_len
+  if limit <= 0:
+    return list(pairs)
+  tok_src, tok_tgt = translate.tokenizer(m, "src"), translate.tokenizer(m, "tgt")
+  return [(s, t) for s, t in pairs if len(tok_src(s)) <= limit and len(tok_tgt(t)) <= limit]
+
+
+def _in_length(m: Any, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+  from s2s_jax import evaluate
+
+  short = within_training_length(m, pairs)
+  if not short or len(short) == len(pairs):  # no split to report
+    return {"in_length_ppl": None, "in_length_sentences": len(short)}
+  return {"in_length_ppl": evaluate.perplexity(m, short)[1], "in_length_sentences": len(short)}
+
+
+def in_length_perplexity(workdirs: Sequence[str], split: str = "test",
+                         max_sentences: int = 0) -> dict[str, Any]:
+  """Perplexity of one model or an ensemble on the test pairs within the training length
+  (`within_training_length`): the test sentences longer than every training pair measure
+  length extrapolation as much as translation quality."""
+  from s2s_jax import translate
+
+  m = translate.load(list(workdirs))
+  return _in_length(m, _eval_pairs(dataclasses.replace(m.cfg.data, reverse_source=True), split,
+                                   max_sentences))
+
+
 def evaluate_models(workdirs: Sequence[str], beam_size: int, split: str = "test",
                     max_sentences: int = 0) -> dict[str, Any]:
-  """BLEU both ways, test perplexity and decoding speed of one model or an ensemble."""
+  """BLEU both ways, test perplexity (all pairs, and those within the training length) and
+  decoding speed of one model or an ensemble."""
   from s2s_jax import bleu, evaluate, translate
 
   m = translate.load(list(workdirs), {"decode.beam_size": beam_size, "decode.nbest": 1})
@@ -205,16 +239,20 @@ def evaluate_models(workdirs: Sequence[str], beam_size: int, split: str = "test"
   ids = translate.encode_sources(m, srcs, split, m.cfg.decode.max_input_len)
   return {"bleu": scores["bleu"], "bleu_tok": scores["bleu_tok"], "signature": scores["signature"],
           "test_ppl": ppl, "decode_s": seconds, "decode_wps": steady_decode_wps(m, srcs, ids),
-          "sentences": len(pairs), "steps": list(m.steps)}
+          "sentences": len(pairs), "steps": list(m.steps), **_in_length(m, pairs)}
 
 
 # --------------------------------------------------------------------------------------------
 # The runner.
 
 def run(base: Config, workdir: str, *, train_fn: TrainFn = train_model,
-        evaluate_fn: EvalFn = evaluate_models, split: str = "test", max_sentences: int = 0,
-        only: Sequence[str] = (), meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        evaluate_fn: EvalFn = evaluate_models, length_fn: LengthFn = in_length_perplexity,
+        split: str = "test", max_sentences: int = 0, only: Sequence[str] = (),
+        meta: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains what is missing, evaluates the rows not yet done, writes the table after each row.
+
+  Rows done by an older version without the within-training-length perplexity get it from
+  `length_fn` (a perplexity pass only: no training, no decoding).
 
   `only`: row groups to run (see `Row.group`; empty = all); the others stay "not run".
   Returns the table's JSON data. Stops early (data saved, "interrupted": true) when a
@@ -274,7 +312,14 @@ def run(base: Config, workdir: str, *, train_fn: TrainFn = train_model,
   save()
   for row in work_order(models, [r for r in rows if not only or r.group in only]):
     if row.key in table["rows"]:
-      logging.info("row done already: %s", row.label)
+      rec = table["rows"][row.key]
+      if "in_length_ppl" not in rec:
+        logging.info("row done already, adding its within-training-length perplexity: %s", row.label)
+        rec.update(_jsonable(length_fn([table["models"][m]["workdir"] for m in row.models], split,
+                                       max_sentences)))
+        save()
+      else:
+        logging.info("row done already: %s", row.label)
       continue
     if not all(ensure_trained(m) for m in row.models):
       table["interrupted"] = True
@@ -348,6 +393,15 @@ def findings(table: dict[str, Any], rows: Sequence[Row]) -> list[str]:
                + f" ({change}); BLEU " + ", ".join(f"{x:.2f}" for x in bleu)
                + f": perplexity {verdict(all(ppl[i + 1] < ppl[i] for i in steps))}, "
                f"BLEU {verdict(all(bleu[i + 1] > bleu[i] for i in steps))}")
+    short = [v.get("in_length_ppl") for _, v in vals]
+    if all(x is not None for x in short):
+      cfg = config_lib.from_dict(table["config"])
+      out[-1] += (f". On the {vals[0][1].get('in_length_sentences')} test pairs within the "
+                 f"training length (<= {cfg.data.max_len} tokens a side): test ppl "
+                 + ", ".join(f"{d} layer{'s' if d > 1 else ''} {p:.3f}" for (d, _), p in zip(vals, short))
+                 + " (" + ", ".join(f"{vals[i][0]}->{vals[i + 1][0]} layers "
+                                    f"{100 * (short[i + 1] / short[i] - 1):+.1f}%" for i in steps)
+                 + f"): {verdict(all(short[i + 1] < short[i] for i in steps))}")
   else:
     out.append("Depth: pending")
 
@@ -386,8 +440,15 @@ def markdown(table: dict[str, Any], rows: Sequence[Row]) -> str:
               f"BLEU = sacreBLEU ({done[0].get('signature', '')}); tokenized BLEU = the paper's "
               "multi-bleu style on tokenized text. Words/s: source + target words per second, "
               "training (the model's median) and decoding (one batch, after compilation).", ""]
-  lines += ["| Method | BLEU | tokenized BLEU | test ppl | train words/s | decode words/s | paper BLEU |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+  limit = cfg.data.max_len
+  if limit > 0:
+    short = next((x["in_length_sentences"] for x in done if x.get("in_length_sentences")), "?")
+    lines += [f"Test ppl within training length: on the {short} test pairs with at most {limit} "
+              f"tokens a side (data.max_len), the lengths training kept; each other test pair has "
+              "a side longer than any training sentence.", ""]
+  in_len = f" test ppl, <= {limit} tokens |" if limit > 0 else ""
+  lines += [f"| Method | BLEU | tokenized BLEU | test ppl |{in_len} train words/s | decode words/s "
+            "| paper BLEU |", "|---|---:|---:|---:|" + ("---:|" if in_len else "") + "---:|---:|---:|"]
   for r in rows:
     rec = table["rows"].get(r.key)
     paper = _fmt(r.paper_bleu, ".2f")
@@ -395,11 +456,12 @@ def markdown(table: dict[str, Any], rows: Sequence[Row]) -> str:
       state = "failed (rerun)" if r.key in table.get("failed", {}) else "pending"
       if table.get("only") and r.group not in table["only"]:
         state = "not run (--only)"
-      lines.append(f"| {r.label} | {state} | | | | | {paper} |")
+      lines.append(f"| {r.label} | {state} | | |{' |' if in_len else ''} | | {paper} |")
       continue
-    lines.append(f"| {r.label} | {rec['bleu']:.2f} | {rec['bleu_tok']:.2f} | {rec['test_ppl']:.3f} | "
-                 f"{_fmt(rec.get('train_wps'), ',.0f')} | {_fmt(rec.get('decode_wps'), ',.0f')} | "
-                 f"{paper} |")
+    short_ppl = f" {_fmt(rec.get('in_length_ppl'), '.3f')} |" if in_len else ""
+    lines.append(f"| {r.label} | {rec['bleu']:.2f} | {rec['bleu_tok']:.2f} | {rec['test_ppl']:.3f} |"
+                 f"{short_ppl} {_fmt(rec.get('train_wps'), ',.0f')} | "
+                 f"{_fmt(rec.get('decode_wps'), ',.0f')} | {paper} |")
   lines += ["", "Findings (measured):", ""] + [f"- {f}" for f in findings(table, rows)]
   trained = table.get("models", {})
   if trained:

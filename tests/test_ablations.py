@@ -8,6 +8,7 @@ import pytest
 
 from experiments import ablations
 from s2s_jax import config as c
+from s2s_jax import evaluate, translate
 from test_analysis import make_workdir
 
 
@@ -40,7 +41,7 @@ class FakeLab:
       q.append((10 if direction == "reversed" else 0) + 3 * int(layers[1:]) - 0.1 * int(seed[4:]))
     score = max(q) + 2 * (len(q) - 1) + {1: 0, 2: 0.5, 12: 0.7}[beam]
     return {"bleu": score, "bleu_tok": score + 1, "test_ppl": 50.0 / score, "signature": "fake",
-            "decode_wps": 100.0, "sentences": 7}
+            "decode_wps": 100.0, "sentences": 7, "in_length_ppl": None, "in_length_sentences": 7}
 
 
 def test_plan_has_the_papers_rows():
@@ -202,3 +203,52 @@ def test_only_runs_the_chosen_row_groups_and_their_models(tmp_path):
   with pytest.raises(c.ConfigError, match="unknown row group"):
     ablations.run(base_config(), str(tmp_path), train_fn=lab.train, evaluate_fn=lab.evaluate,
                   only=["depths"])
+
+
+def test_rows_without_the_in_length_perplexity_get_it_on_rerun(tmp_path):
+  lab = FakeLab()
+
+  def old_evaluate(workdirs, beam, split, max_sentences):  # as before the column existed
+    rec = lab.evaluate(workdirs, beam, split, max_sentences)
+    del rec["in_length_ppl"], rec["in_length_sentences"]
+    return rec
+
+  calls = []
+
+  def length_fn(workdirs, split, max_sentences):
+    calls.append(tuple(os.path.basename(w) for w in workdirs))
+    layers = int(calls[-1][0].split("-")[1][1:])
+    return {"in_length_ppl": 4.0 - 0.5 * layers, "in_length_sentences": 5}
+
+  ablations.run(base_config(), str(tmp_path), train_fn=lab.train, evaluate_fn=old_evaluate,
+                length_fn=length_fn, only=["base", "depth"])
+  assert calls == []  # fresh rows come from the evaluation itself
+  table = ablations.run(base_config(), str(tmp_path), train_fn=lab.train, evaluate_fn=old_evaluate,
+                        length_fn=length_fn, only=["base", "depth"])
+  assert sorted(calls) == [("reversed-L1-seed0",), ("reversed-L2-seed0",), ("reversed-L4-seed0",)]
+  assert table["rows"]["single-reversed-L4-seed0-beam12"]["in_length_ppl"] == 2.0
+  md = (tmp_path / "table1.md").read_text()
+  assert "| test ppl, <= 50 tokens |" in md
+  assert ("On the 5 test pairs within the training length (<= 50 tokens a side): test ppl 1 layer "
+          "3.500, 2 layers 3.000, 4 layers 2.000 (1->2 layers -14.3%, 2->4 layers -33.3%): "
+          "**reproduced**") in md
+  calls.clear()
+  ablations.run(base_config(), str(tmp_path), train_fn=lab.train, evaluate_fn=old_evaluate,
+                length_fn=length_fn, only=["base", "depth"])
+  assert calls == []
+
+
+def test_in_length_perplexity_is_the_perplexity_of_the_short_test_pairs(toy_corpus, tmp_path):
+  work = str(tmp_path / "m")
+  make_workdir(toy_corpus, work, **{"data.max_len": 3})
+  with open(os.path.join(toy_corpus, "test.en")) as fe, open(os.path.join(toy_corpus, "test.fr")) as ff:
+    pairs = list(zip(fe.read().splitlines(), ff.read().splitlines()))[:20]
+  short = [(s, t) for s, t in pairs if len(s.split()) <= 3 and len(t.split()) <= 3]
+  assert 0 < len(short) < len(pairs)
+  rec = ablations.evaluate_models([work], 1, "test", 20)
+  assert rec["in_length_sentences"] == len(short)
+  want = evaluate.perplexity(translate.load([work]), short)[1]
+  np.testing.assert_allclose(rec["in_length_ppl"], want, rtol=1e-6)
+  assert rec["in_length_ppl"] != rec["test_ppl"]
+  again = ablations.in_length_perplexity([work], "test", 20)
+  assert again == {"in_length_ppl": rec["in_length_ppl"], "in_length_sentences": len(short)}
