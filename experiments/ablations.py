@@ -15,7 +15,8 @@ lives in its own DIR/models/<name> WORKDIR, so an interrupted training resumes.
 Rows (all decoded on the test split): single models at beam 12; the base at beams 1 and 2;
 ensembles of 2 and 5 (the base and the next seeds) at beams 1, 2 and 12 as in the paper's
 Table 1. Per row: BLEU both ways (`s2s_jax.bleu`), test perplexity (the ensemble's combined
-distribution for ensembles), training words/s (source + target words, single models) and
+distribution for ensembles) on all test pairs and, when data.max_len limits training, on the
+test pairs within that length (the others measure length extrapolation), training words/s (source + target words, single models) and
 decoding words/s (source + output words per second of search, measured on one batch
 decoded again after compilation; decode_s in the JSON is the whole decode with compilation). Results go to DIR/table1.json as each row completes and DIR/table1.md (with the
 paper's BLEU next to ours and the measured findings); a rerun skips finished trainings and
