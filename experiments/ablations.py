@@ -16,11 +16,12 @@ Rows (all decoded on the test split): single models at beam 12; the base at beam
 ensembles of 2 and 5 (the base and the next seeds) at beams 1, 2 and 12 as in the paper's
 Table 1. Per row: BLEU both ways (`s2s_jax.bleu`), test perplexity (the ensemble's combined
 distribution for ensembles) on all test pairs and, when data.max_len limits training, on the
-test pairs within that length (the others measure length extrapolation), training words/s (source + target words, single models) and
-decoding words/s (source + output words per second of search, measured on one batch
-decoded again after compilation; decode_s in the JSON is the whole decode with compilation). Results go to DIR/table1.json as each row completes and DIR/table1.md (with the
-paper's BLEU next to ours and the measured findings); a rerun skips finished trainings and
-rows. A DIR keeps one base config: a rerun with another one is refused (use a new DIR).
+test pairs within that length (the others measure length extrapolation), training words/s
+(source + target words, single models) and decoding words/s (source + output words per
+second of search, measured on one batch decoded again after compilation; decode_s in the JSON
+is the whole decode with compilation). Results go to DIR/table1.json as each row completes and
+DIR/table1.md (with the paper's BLEU next to ours and the measured findings); a rerun skips
+finished trainings and rows. A DIR keeps one base config: a rerun with another one is refused (use a new DIR).
 --only base,forward,depth,beam,member,ensemble runs just those row groups (and trains only
 their models), e.g. `--only base,depth` for a depth study at a larger scale.
 """
@@ -191,12 +192,13 @@ def steady_decode_wps(m: Any, lines: Sequence[str], ids: Sequence[Sequence[int]]
 def within_training_length(m: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
   """The pairs training would have kept: at most data.max_len tokens a side (all if 0)."""
   from s2s_jax import translate
+  from s2s_jax.data import pipeline
 
   limit = m.cfg.data.max_len
   if limit <= 0:
     return list(pairs)
   tok_src, tok_tgt = translate.tokenizer(m, "src"), translate.tokenizer(m, "tgt")
-  return [(s, t) for s, t in pairs if len(tok_src(s)) <= limit and len(tok_tgt(t)) <= limit]
+  return [(s, t) for s, t in pairs if pipeline.within_length(tok_src(s), tok_tgt(t), limit)]
 
 
 def _in_length(m: Any, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:

@@ -194,6 +194,11 @@ def tokenize_split(cfg: DataConfig, workdir: str | None, split: str,
 # ----------------------------------------------------------------------------- the corpus
 
 
+def within_length(src: Sequence[str], tgt: Sequence[str], max_len: int | None) -> bool:
+  """Whether a pair has at most max_len tokens a side (</s> not counted); None: no limit."""
+  return max_len is None or (len(src) <= max_len and len(tgt) <= max_len)
+
+
 def filter_pairs(tokens: Sequence[TokenPair],
                  max_len: int | None) -> tuple[list[TokenPair], int, int]:
   """(kept pairs, #dropped with an empty side, #dropped longer than max_len); None: no limit."""
@@ -201,7 +206,7 @@ def filter_pairs(tokens: Sequence[TokenPair],
   for st, tt in tokens:
     if not st or not tt:
       empty += 1
-    elif max_len is not None and (len(st) > max_len or len(tt) > max_len):
+    elif not within_length(st, tt, max_len):
       long += 1
     else:
       kept.append((st, tt))
