@@ -88,6 +88,7 @@ class PeakRss:
     self.interval, self.extra = interval, 0
 
   def __enter__(self):
+    time.sleep(0.1)  # XLA frees a run's temporaries just after its outputs are ready
     _trim_heap()
     self.base = self.peak = _rss_bytes()
     self._stop = threading.Event()
@@ -394,23 +395,29 @@ def report(train_vs: list[Variant], decode_vs: list[Variant], peak: dict[str, fl
   return lines, ratios
 
 
-HUGEPAGES = "glibc.malloc.hugetlb=1"
+MALLOC_MODES = {  # --malloc: glibc tunables for the whole process, so for both frameworks
+    "system": "",
+    # transparent huge pages for malloc: a 2 MB page replaces 512 page faults
+    "hugepages": "glibc.malloc.hugetlb=1",
+    # also one arena, no mmap for large blocks and no trimming: freed memory is reused by the
+    # next step instead of being unmapped and faulted in (and zeroed by the kernel) again
+    "reuse": "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+             "glibc.malloc.trim_threshold=68719476736",
+}
 
 
-def _set_hugepages(on: bool, argv: list[str]) -> None:
+def _set_malloc(mode: str, argv: list[str]) -> None:
   """glibc reads its malloc tunables at process start: re-executes this command with them set.
 
-  Large per-step buffers (logits, activations) are fresh mmaps that XLA and torch touch page by
-  page; with transparent huge pages a 2 MB page replaces 512 faults.
+  A train step's large buffers (XLA's temporaries, logits, activations) are otherwise fresh
+  mmaps that are faulted in page by page at every step.
   """
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if on == (HUGEPAGES in tunables) or platform.system() != "Linux":
+  known = {t for v in MALLOC_MODES.values() for t in v.split(":") if t}
+  current = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+  wanted = [t for t in current if t not in known] + [t for t in MALLOC_MODES[mode].split(":") if t]
+  if current == wanted or platform.system() != "Linux":
     return
-  if on:
-    tunables = ":".join(t for t in (tunables, HUGEPAGES) if t)
-  else:
-    tunables = ":".join(t for t in tunables.split(":") if t and t != HUGEPAGES)
-  env = dict(os.environ, GLIBC_TUNABLES=tunables)
+  env = dict(os.environ, GLIBC_TUNABLES=":".join(wanted))
   sys.stdout.flush()
   os.execve(sys.executable, [sys.executable, "-m", "benchmarks.compare", *argv], env)
 
@@ -435,11 +442,11 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/s2s_jax/xla"),
                  help="JAX compilation cache ('' = off)")
   p.add_argument("--json", default="", help="also write the results to this file")
-  p.add_argument("--hugepages", choices=("on", "off"), default="on",
-                 help="run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for "
-                      "malloc; both frameworks; ~20%% faster large steps): restarts the process once")
+  p.add_argument("--malloc", choices=sorted(MALLOC_MODES), default="reuse",
+                 help="glibc malloc tunables for both frameworks (see MALLOC_MODES; restarts the "
+                      "process once to set them)")
   args = p.parse_args(argv)
-  _set_hugepages(args.hugepages == "on", sys.argv[1:] if argv is None else list(argv))
+  _set_malloc(args.malloc, sys.argv[1:] if argv is None else list(argv))
   args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   args.beams = [int(k) for k in args.beams.split(",") if k.strip()]
   threads = args.torch_threads or ("auto" if args.config == "paper" else "")

@@ -478,7 +478,7 @@ def markdown(table: dict[str, Any], rows: Sequence[Row]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   from s2s_jax import train
-  train.setup_logging()
+  train.setup_cli()
   argv = sys.argv[1:] if argv is None else argv
   try:
     updates, extras = config_lib.parse_args(argv, extra_flags=("workdir", "base", "split",

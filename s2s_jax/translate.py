@@ -154,7 +154,7 @@ def write_lines(lines: Sequence[str], path: str | None) -> None:
 def run_cli(fn, argv: Sequence[str] | None) -> int:
   """Runs fn(argv) with logging set up; expected failures become one-line errors (exit 1)."""
   from s2s_jax import train
-  train.setup_logging()
+  train.setup_cli()
   try:
     return fn(argv)
   except (OSError, ValueError, checkpoint.CheckpointError) as e:  # ConfigError, DataError too

@@ -68,3 +68,47 @@ def test_adam_from_the_command_line_trains(toy_corpus, tmp_path):
   assert saved.optim.name == "adam" and saved.optim.kwargs == {"b1": 0.85}
   ppls, _ = valid_ppls(str(tmp_path))
   assert ppls[-1] < 0.6 * ppls[0], ppls
+
+
+# Faults taken by writing a fresh 512 MB malloc block after an equal block was freed, in a new
+# process (the malloc settings are process-wide).
+_FAULTS_OF_SECOND_BLOCK = """
+import ctypes, resource
+from s2s_jax import train
+print(train.reuse_host_memory())
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+n = 512 << 20
+def write_block():
+  p = libc.malloc(n)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  ctypes.memset(p, 1, n)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+  libc.free(p)
+  return faults
+write_block()
+print(write_block())
+"""
+
+
+def _second_block_faults(env_value):
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", train.MALLOC_ENV)}
+  if env_value is not None:
+    env[train.MALLOC_ENV] = env_value
+  out = subprocess.run([sys.executable, "-c", _FAULTS_OF_SECOND_BLOCK], env=env, check=True,
+                       capture_output=True, text=True).stdout.split()
+  return out[0] == "True", int(out[1])
+
+
+def test_reuse_host_memory_keeps_freed_large_blocks_mapped():
+  import platform
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    import pytest
+    pytest.skip("glibc malloc settings")
+  applied, faults = _second_block_faults(None)
+  assert applied and faults < 50  # the freed block is reused as it is, already mapped
+  applied, faults = _second_block_faults("system")
+  assert not applied and faults >= 256  # glibc's own behaviour: a fresh mmap, faulted in again
