@@ -332,7 +332,7 @@ def reuse_host_memory() -> bool:
   except (OSError, AttributeError):  # not glibc
     return False
   return all([mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0),
-              mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)])
+              mallopt(_M_TRIM_THRESHOLD, -1)])  # -1: never trim (blocks can exceed 2 GiB)
 
 
 def setup_cli() -> None:
