@@ -395,29 +395,27 @@ def report(train_vs: list[Variant], decode_vs: list[Variant], peak: dict[str, fl
   return lines, ratios
 
 
-MALLOC_MODES = {  # --malloc: glibc tunables for the whole process, so for both frameworks
-    "system": "",
-    # transparent huge pages for malloc: a 2 MB page replaces 512 page faults
-    "hugepages": "glibc.malloc.hugetlb=1",
-    # also one arena, no mmap for large blocks and no trimming: freed memory is reused by the
-    # next step instead of being unmapped and faulted in (and zeroed by the kernel) again
-    "reuse": "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-             "glibc.malloc.trim_threshold=68719476736",
-}
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+# --malloc: system = glibc's defaults; hugepages = transparent huge pages for malloc (a 2 MB page
+# replaces 512 faults); reuse = huge pages and train.reuse_host_memory(), what the command lines
+# do. Both are process-wide, so both frameworks run under the same setting.
+MALLOC_MODES = ("system", "hugepages", "reuse")
 
 
-def _set_malloc(mode: str, argv: list[str]) -> None:
+def _set_hugepages(on: bool, argv: list[str]) -> None:
   """glibc reads its malloc tunables at process start: re-executes this command with them set.
 
-  A train step's large buffers (XLA's temporaries, logits, activations) are otherwise fresh
-  mmaps that are faulted in page by page at every step.
+  Large per-step buffers (XLA's temporaries, logits, activations) are otherwise fresh mmaps that
+  are faulted in page by page at every step.
   """
-  known = {t for v in MALLOC_MODES.values() for t in v.split(":") if t}
-  current = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
-  wanted = [t for t in current if t not in known] + [t for t in MALLOC_MODES[mode].split(":") if t]
-  if current == wanted or platform.system() != "Linux":
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if on == (HUGEPAGES in tunables) or platform.system() != "Linux":
     return
-  env = dict(os.environ, GLIBC_TUNABLES=":".join(wanted))
+  if on:
+    tunables = ":".join(t for t in (tunables, HUGEPAGES) if t)
+  else:
+    tunables = ":".join(t for t in tunables.split(":") if t and t != HUGEPAGES)
+  env = dict(os.environ, GLIBC_TUNABLES=tunables)
   sys.stdout.flush()
   os.execve(sys.executable, [sys.executable, "-m", "benchmarks.compare", *argv], env)
 
@@ -442,11 +440,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/s2s_jax/xla"),
                  help="JAX compilation cache ('' = off)")
   p.add_argument("--json", default="", help="also write the results to this file")
-  p.add_argument("--malloc", choices=sorted(MALLOC_MODES), default="reuse",
-                 help="glibc malloc tunables for both frameworks (see MALLOC_MODES; restarts the "
-                      "process once to set them)")
+  p.add_argument("--malloc", choices=MALLOC_MODES, default="reuse",
+                 help="glibc malloc settings for both frameworks (see MALLOC_MODES; huge pages "
+                      "restart the process once to set them)")
   args = p.parse_args(argv)
-  _set_malloc(args.malloc, sys.argv[1:] if argv is None else list(argv))
+  _set_hugepages(args.malloc != "system", sys.argv[1:] if argv is None else list(argv))
+  if args.malloc == "reuse":
+    from s2s_jax import train
+    train.reuse_host_memory()  # before JAX or torch start their threads
   args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   args.beams = [int(k) for k in args.beams.split(",") if k.strip()]
   threads = args.torch_threads or ("auto" if args.config == "paper" else "")
@@ -497,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{shape.tgt_vocab}, batch {shape.batch} (decode {args.decode_batch}), length {shape.length}); "
         f"{versions}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-  print(f"malloc: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (same for both frameworks)")
+  print(f"malloc: {args.malloc}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
+        "(same for both frameworks)")
   print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v/1e12:.3f}" for k, v in peak.items()))
   print(f"load average (1 min) at start {load0:.1f}, at end {os.getloadavg()[0]:.1f} "
         f"(other processes share these cores: compare within this run only)")

@@ -1,10 +1,15 @@
-"""End-to-end training on a tiny corpus: learning, exact resume, optimizer swap from the CLI."""
+"""End-to-end training on a tiny corpus: learning, exact resume, optimizer swap from the CLI;
+the command lines' host memory setting."""
 
 import json
 import os
+import platform
+import subprocess
+import sys
 
 import jax
 import numpy as np
+import pytest
 
 from s2s_jax import checkpoint
 from s2s_jax import config as c
@@ -93,8 +98,6 @@ print(write_block())
 
 
 def _second_block_faults(env_value):
-  import subprocess
-  import sys
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", train.MALLOC_ENV)}
   if env_value is not None:
     env[train.MALLOC_ENV] = env_value
@@ -103,11 +106,9 @@ def _second_block_faults(env_value):
   return out[0] == "True", int(out[1])
 
 
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc malloc settings")
 def test_reuse_host_memory_keeps_freed_large_blocks_mapped():
-  import platform
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    import pytest
-    pytest.skip("glibc malloc settings")
   applied, faults = _second_block_faults(None)
   assert applied and faults < 50  # the freed block is reused as it is, already mapped
   applied, faults = _second_block_faults("system")
