@@ -83,13 +83,27 @@ def affine(x: Array, w_KxM: Array, b_M: Array, dtype: jnp.dtype | None = None) -
   return matmul(x_aug, jnp.concatenate([w_KxM.astype(dtype), b_hi[None], b_lo[None]], 0), dtype)
 
 
+def matmul_nt(x_NxK: Array, w_MxK: Array, dtype: jnp.dtype | None = None) -> Array:
+  """x @ w.T (NxM) without forming w.T; with `dtype` as `matmul`.
+
+  XLA's CPU matmul library takes a right operand contracted on its last axis as it is, and
+  runs it at least as fast as a materialised transpose: 1.06-1.3x faster for the per-step
+  dz @ w_h^T of the LSTM backward, the same for the large products (BENCHMARKS.md).
+  """
+  if dtype is not None:
+    x_NxK, w_MxK = x_NxK.astype(dtype), w_MxK.astype(dtype)
+  return jax.lax.dot_general(x_NxK, w_MxK, (((x_NxK.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=None if dtype is None else jnp.float32)
+
+
 def transposed(x_AxB: Array) -> Array:
   """x.T (BxA) as a new row-major array, to be a matmul operand.
 
-  XLA's CPU backend runs a dot in its fast library (the only fast bfloat16 path) only when
-  both operands are row-major and untransposed; a plain x.T is folded into the dot's
-  dimension numbers and the dot falls back to a float32 product (about 3x slower in bf16).
-  Written as reshape -> 3-D transpose -> reshape, the transpose is materialised instead.
+  For the left operand of x^T @ y: XLA's CPU backend runs a dot contracted on the left
+  operand's first axis about 2x slower than the same dot on a materialised transpose.
+  (A right operand contracted on its last axis is fine as it is: `matmul_nt`.)
+  Written as reshape -> 3-D transpose -> reshape, the transpose is materialised; a plain
+  x.T would be folded back into the dot's dimension numbers.
   """
   a, b = x_AxB.shape
   k = next((d for d in range(2, math.isqrt(a) + 1) if a % d == 0), 1)
@@ -172,7 +186,14 @@ def _fused_layer_bwd(dtype, res, cotangents):
   cd = x_TxBxI.dtype if dtype is None else dtype  # dtype of the backward matmul operands
   h_prev_TxBxH = jnp.concatenate([h0_BxH[None], h_TxBxH[:-1]], axis=0)
   c_prev_TxBxH = jnp.concatenate([c0_BxH[None], c_TxBxH[:-1]], axis=0)
-  w_hT_GxH = transposed(params["w_h"].astype(cd))
+  # dz @ w_h^T per step: 16-bit products run 1.06-1.3x faster with w_h contracted in place,
+  # float32 ones about 7% faster on a materialised transpose (BENCHMARKS.md).
+  if dtype is None:
+    w_hT_GxH = transposed(params["w_h"])
+    recurrent = lambda dz_BxG: matmul(dz_BxG, w_hT_GxH)
+  else:
+    w_h_HxG = params["w_h"].astype(cd)
+    recurrent = lambda dz_BxG: matmul_nt(dz_BxG, w_h_HxG, dtype)
 
   def step(carry, inputs):
     dh, dc = carry  # cotangents of the carried h_t, c_t
@@ -187,7 +208,7 @@ def _fused_layer_bwd(dtype, res, cotangents):
     dz_BxG = jnp.concatenate([dc_new * g * i * (1.0 - i), dc_new * c_prev * f * (1.0 - f),
                               dc_new * i * (1.0 - g * g), dh_new * tanh_c * o * (1.0 - o)], axis=-1)
     dz_BxG = dz_BxG.astype(cd)
-    dh_prev = matmul(dz_BxG, w_hT_GxH, dtype) + jnp.where(keep, 0.0, dh)
+    dh_prev = recurrent(dz_BxG) + jnp.where(keep, 0.0, dh)
     dc_prev = dc_new * f + jnp.where(keep, 0.0, dc)
     return (dh_prev, dc_prev), _as_bits(dz_BxG)
 
@@ -199,7 +220,7 @@ def _fused_layer_bwd(dtype, res, cotangents):
   dw_x, db = weight_and_bias_grads(x_TxBxI.reshape(t * b, -1), dz_NxG, dtype)
   dw_h = matmul(transposed(h_prev_TxBxH.reshape(t * b, -1).astype(cd)), dz_NxG, dtype)
   grads = {k: v.astype(params[k].dtype) for k, v in (("w_x", dw_x), ("w_h", dw_h), ("b", db))}
-  dx_TxBxI = matmul(dz_NxG, transposed(params["w_x"].astype(cd)), dtype).reshape(x_TxBxI.shape)
+  dx_TxBxI = matmul_nt(dz_NxG, params["w_x"].astype(cd), dtype).reshape(x_TxBxI.shape)
   return (grads, dx_TxBxI.astype(x_TxBxI.dtype), _zero_cotangent(mask_TxB),
           dh0_BxH.astype(h0_BxH.dtype), dc0_BxH.astype(c0_BxH.dtype))
 

@@ -98,8 +98,9 @@ def target_log_probs(params: Params, h_TxBxH: Array, tgt_TxB: Array, cfg: ModelC
 
 # The softmax loss with a hand-written backward pass (model.custom_vjp): the forward keeps only
 # the logits (never a TxBxV log-softmax), the backward forms d logits = g * (onehot - softmax)
-# in one fused pass, directly in the compute dtype, and multiplies it by row-major operands
-# (`lstm.transposed`) so that a bfloat16 model's backward products stay bfloat16 too.
+# in one fused pass, directly in the compute dtype, and multiplies it in the layouts XLA's CPU
+# matmul library runs fastest (`lstm.transposed`, `lstm.matmul_nt`) so that a bfloat16
+# model's backward products stay bfloat16 too.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _softmax_pick(softmax: Params, h_TxBxH: Array, tgt_TxB: Array, cfg: ModelConfig) -> Array:
   return _softmax_pick_fwd(softmax, h_TxBxH, tgt_TxB, cfg)[0]
@@ -126,7 +127,7 @@ def _softmax_pick_bwd(cfg, res, g_TxB):
   dtype = compute_dtype(cfg)
   dw, db = lstm.weight_and_bias_grads(h_NxH, dlogits_NxV, dtype)
   grads = {"w": dw.astype(w.dtype), "b": db.astype(softmax["b"].dtype)}
-  dh_NxH = lstm.matmul(dlogits_NxV, lstm.transposed(w.astype(cd)), dtype)
+  dh_NxH = lstm.matmul_nt(dlogits_NxV, w.astype(cd), dtype)
   return grads, dh_NxH.reshape(h_TxBxH.shape).astype(h_TxBxH.dtype), None
 
 

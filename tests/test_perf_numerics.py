@@ -5,8 +5,8 @@
   give every output a cotangent (what a layer above sends back), so the model tests use one
   layer to keep compile time down.
 - bfloat16 compute mode: loss and gradients close to float32 (loose tolerance).
-- The rewritten helpers (lstm.transposed, model.log_softmax, decode._argmax) against the
-  jnp functions they replace, edge cases included.
+- The rewritten helpers (lstm.transposed, lstm.matmul_nt, model.log_softmax, decode._argmax)
+  against the jnp functions they replace, edge cases included.
 """
 
 import dataclasses
@@ -145,6 +145,19 @@ def test_bfloat16_loss_and_gradients_close_to_float32(f32_run):
 def test_transposed_is_transpose(shape):
   x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
   np.testing.assert_array_equal(jax.jit(lstm.transposed)(x), x.T)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("x_shape", [(7, 33), (3, 5, 33)])
+def test_matmul_nt_is_matmul_by_transpose(dtype, x_shape):
+  kx, kw = jax.random.split(jax.random.PRNGKey(7))
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw, (9, 33))
+  got = jax.jit(lstm.matmul_nt, static_argnums=2)(x, w, dtype)
+  assert got.shape == x_shape[:-1] + (9,) and got.dtype == jnp.float32
+  # the same operands (rounded to dtype) with a float64 sum: only the summation order differs
+  cast = lambda a: np.asarray(a if dtype is None else a.astype(dtype), np.float64)
+  np.testing.assert_allclose(got, cast(x) @ cast(w).T, rtol=1e-5, atol=1e-5)
 
 
 def test_log_softmax_equals_jax():
