@@ -12,7 +12,9 @@ Measures, for the same model sizes, batch and initial weights:
 Timed repetitions of every variant are interleaved (ours f32, torch f32, ours bf16, torch bf16,
 ...) so that load from other processes hits all of them alike; each figure is a median. The
 machine's matmul peak (f32 and bf16, JAX and torch, the best of each dtype) is measured in the
-same run. The last line is `ratio train=X decode=Y`: our best variant over PyTorch's best.
+same run. The last line is `ratio train=X decode=Y`: our best variant over PyTorch's best;
+the line before it gives the same ratio round by round (median, quartiles), a measure of how
+much the machine's noise moves it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ CONFIGS = {  # name: (layers, hidden = embed, source vocab, target vocab, batch,
     "medium": (4, 512, 16_000, 16_000, 128, 30),
     "paper": (4, 1000, 160_000, 80_000, 128, 30),
 }
-DEFAULT_STEPS = {"small": 10, "medium": 5, "paper": 3}
+DEFAULT_STEPS = {"small": 20, "medium": 8, "paper": 3}
 DECODE_STEPS = 50
 
 
@@ -395,6 +397,30 @@ def report(train_vs: list[Variant], decode_vs: list[Variant], peak: dict[str, fl
   return lines, ratios
 
 
+def paired_ratios(variants: list[Variant], task: str) -> list[float]:
+  """Round by round, our fastest variant's speed over PyTorch's fastest (by median), for `task`.
+
+  The variants of one round run back to back, so a slow stretch of the shared machine hits
+  both sides of a pair; the spread of these ratios says how far the median ratio can be trusted.
+  """
+  rows = [v for v in variants if v.task == task]
+  ours = [v for v in rows if v.framework == "ours"]
+  theirs = [v for v in rows if v.framework == "torch"]
+  if not ours or not theirs:
+    return []
+  a = min(ours, key=lambda v: v.median / v.units)
+  b = min(theirs, key=lambda v: v.median / v.units)
+  return [(tb / b.units) / (ta / a.units) for ta, tb in zip(a.times, b.times)]
+
+
+def describe_spread(xs: list[float]) -> str:
+  """'median 0.97, quartiles 0.93-1.01, 8/10 rounds below 1' for a list of ratios."""
+  q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+  below = sum(x < 1 for x in xs)
+  return (f"median {statistics.median(xs):.2f}, quartiles {q[0]:.2f}-{q[2]:.2f}, "
+          f"{below}/{len(xs)} rounds below 1")
+
+
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 # --malloc: system = glibc's defaults; hugepages = transparent huge pages for malloc (a 2 MB page
 # replaces 512 faults); reuse = huge pages and train.reuse_host_memory(), what the command lines
@@ -510,11 +536,18 @@ def main(argv: list[str] | None = None) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"config": args.config, "shape": dataclasses.asdict(shape), "peak": peak, "info": info,
-                 "ratios": ratios, "rows": [
+                 "ratios": ratios,
+                 "paired": {k: paired_ratios(train_vs + decode_vs, t)
+                            for t, k in (("train", "train"), ("greedy", "decode"))},
+                 "rows": [
                      {"task": v.task, "variant": v.name, "times": v.times, "units": v.units,
                       "hyp_steps": v.hyp_steps, "flops": v.flops, "peak_mb": v.peak_mb,
                       "compile_s": v.compile_s, "note": v.note} for v in train_vs + decode_vs]},
                 f, indent=1)
+  for task, key in (("train", "train"), ("greedy", "decode")):
+    xs = paired_ratios(train_vs + decode_vs, task)
+    if xs:
+      print(f"paired {key} ratio per round (ours/torch, fastest variants): {describe_spread(xs)}")
   print(f"ratio train={ratios.get('train', float('nan')):.2f} "
         f"decode={ratios.get('decode', float('nan')):.2f}")
   return 0

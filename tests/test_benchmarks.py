@@ -1,0 +1,34 @@
+"""The benchmark harness's round-by-round ratio (no PyTorch needed: synthetic timings)."""
+
+import pytest
+
+from benchmarks.compare import Variant, describe_spread, paired_ratios
+
+
+def variant(name, framework, times, units=100.0, task="train"):
+  return Variant(name=name, task=task, framework=framework, dtype="bfloat16", run=lambda: None,
+                 flops=0, units=units, times=list(times))
+
+
+def test_paired_ratios_pair_the_fastest_variants_round_by_round():
+  rows = [
+      variant("ours f32", "ours", [4.0, 4.0, 4.0]),
+      variant("ours bf16", "ours", [1.0, 2.0, 1.0]),  # fastest of ours by median
+      variant("torch bf16 2t", "torch", [1.1, 1.8, 1.2]),  # fastest of torch by median
+      variant("torch bf16 1t", "torch", [3.0, 3.0, 3.0]),
+      variant("ours greedy", "ours", [9.0, 9.0, 9.0], task="greedy"),  # another task: ignored
+  ]
+  assert paired_ratios(rows, "train") == pytest.approx([1.1, 0.9, 1.2])
+  assert paired_ratios(rows, "greedy") == []  # no PyTorch row for that task
+
+
+def test_paired_ratios_use_work_per_run():
+  # our run does twice the work (units) in 1.5x the time: 1.33x PyTorch's speed
+  rows = [variant("ours", "ours", [3.0], units=200.0), variant("torch", "torch", [2.0])]
+  assert paired_ratios(rows, "train") == pytest.approx([4 / 3])
+
+
+def test_describe_spread():
+  assert describe_spread([0.9, 1.1, 0.95, 1.2, 0.8]) == (
+      "median 0.95, quartiles 0.85-1.15, 3/5 rounds below 1")
+  assert describe_spread([1.05]) == "median 1.05, quartiles 1.05-1.05, 0/1 rounds below 1"
