@@ -373,7 +373,7 @@ def report(train_vs: list[Variant], decode_vs: list[Variant], peak: dict[str, fl
     torch_best = {}
     torch_rows = [v for v in group if v.framework == "torch"]
     if torch_rows:
-      best = max(torch_rows, key=lambda v: v.units / v.median)
+      best = fastest(torch_rows)
       torch_best = {"rate": best.units / best.median, "hyp": best.hyp_steps / best.median}
     for task in tasks:
       for v in (v for v in group if v.task == task):
@@ -392,9 +392,15 @@ def report(train_vs: list[Variant], decode_vs: list[Variant], peak: dict[str, fl
                      f"| {ratio} | {note} |")
       ours = [v for v in group if v.framework == "ours" and v.task == task]
       if torch_best and ours and task in ("train", "greedy"):
+        best = fastest(ours)
         ratios["train" if task == "train" else "decode"] = (
-            max(v.units / v.median for v in ours) / torch_best["rate"])
+            best.units / best.median / torch_best["rate"])
   return lines, ratios
+
+
+def fastest(rows: list[Variant]) -> Variant:
+  """The variant with the most work (units) per second, by its median time."""
+  return max(rows, key=lambda v: v.units / v.median)
 
 
 def paired_ratios(variants: list[Variant], task: str) -> list[float]:
@@ -408,9 +414,8 @@ def paired_ratios(variants: list[Variant], task: str) -> list[float]:
   theirs = [v for v in rows if v.framework == "torch"]
   if not ours or not theirs:
     return []
-  a = min(ours, key=lambda v: v.median / v.units)
-  b = min(theirs, key=lambda v: v.median / v.units)
-  return [(tb / b.units) / (ta / a.units) for ta, tb in zip(a.times, b.times)]
+  a, b = fastest(ours), fastest(theirs)
+  return [(a.units / ta) / (b.units / tb) for ta, tb in zip(a.times, b.times)]
 
 
 def describe_spread(xs: list[float]) -> str:
@@ -533,19 +538,19 @@ def main(argv: list[str] | None = None) -> int:
     c = info["check_loss"]
     print(f"same function: initial float32 loss ours {c['ours']:.6f}, torch {c['torch']:.6f}")
   print("\n".join(lines))
+  paired = {key: paired_ratios(train_vs + decode_vs, task)
+            for task, key in (("train", "train"), ("greedy", "decode"))}
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"config": args.config, "shape": dataclasses.asdict(shape), "peak": peak, "info": info,
                  "ratios": ratios,
-                 "paired": {k: paired_ratios(train_vs + decode_vs, t)
-                            for t, k in (("train", "train"), ("greedy", "decode"))},
+                 "paired": paired,
                  "rows": [
                      {"task": v.task, "variant": v.name, "times": v.times, "units": v.units,
                       "hyp_steps": v.hyp_steps, "flops": v.flops, "peak_mb": v.peak_mb,
                       "compile_s": v.compile_s, "note": v.note} for v in train_vs + decode_vs]},
                 f, indent=1)
-  for task, key in (("train", "train"), ("greedy", "decode")):
-    xs = paired_ratios(train_vs + decode_vs, task)
+  for key, xs in paired.items():
     if xs:
       print(f"paired {key} ratio per round (ours/torch, fastest variants): {describe_spread(xs)}")
   print(f"ratio train={ratios.get('train', float('nan')):.2f} "
