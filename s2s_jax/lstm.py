@@ -17,6 +17,9 @@ math and dz @ w_h^T per step, and the weight gradients are then one matmul each 
 time steps (T*B rows) instead of T small ones accumulated in the loop. Every backward matmul
 takes its operands in the compute dtype with a float32 result, so a bfloat16 model also
 runs its backward products in bfloat16 (autodiff would turn them into float32 products).
+Under differentiation with a 16-bit compute dtype its forward returns h rounded to that dtype
+(`_scan_layer`); everything that reads h rounds it so, hence the loss and gradients are those
+of `layer`.
 """
 
 from __future__ import annotations
@@ -125,13 +128,22 @@ def weight_and_bias_grads(x_NxK: Array, dy_NxM: Array,
 
 def _cell_gates(w_h_HxG: Array, gx_BxG: Array, h_BxH: Array, c_BxH: Array,
                 dtype: jnp.dtype | None) -> tuple[Array, Array, Array]:
-  """`cell`, also returning the gate activations (i, f, g, o) concatenated, BxG."""
+  """`cell`, also returning the gate activations (i, f, g, o) concatenated, BxG.
+
+  All four activations are one elementwise pass, tanh(z * s) * s + t with s = 1/2, t = 1/2 on
+  the sigmoid columns (sigmoid(z) = tanh(z/2)/2 + 1/2) and s = 1, t = 0 on the cell column:
+  XLA's CPU backend otherwise runs one loop per gate and a concatenation (BENCHMARKS.md).
+  It differs from 1/(1 + exp(-z)) by at most 2e-7.
+  """
   z_BxG = gx_BxG + matmul(h_BxH, w_h_HxG, dtype)
-  i, f, g, o = jnp.split(z_BxG, 4, axis=-1)
-  i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+  hsz = z_BxG.shape[-1] // 4
+  col_G = jnp.arange(4 * hsz)
+  s_G = jnp.where((col_G >= 2 * hsz) & (col_G < 3 * hsz), 1.0, 0.5).astype(z_BxG.dtype)
+  gates_BxG = jnp.tanh(z_BxG * s_G) * s_G + (1.0 - s_G)
+  i, f, g, o = jnp.split(gates_BxG, 4, axis=-1)
   c_BxH = f * c_BxH + i * g
   h_BxH = o * jnp.tanh(c_BxH)
-  return h_BxH, c_BxH, jnp.concatenate([i, f, g, o], axis=-1)
+  return h_BxH, c_BxH, gates_BxG
 
 
 def cell(w_h_HxG: Array, gx_BxG: Array, h_BxH: Array, c_BxH: Array,
@@ -143,20 +155,31 @@ def cell(w_h_HxG: Array, gx_BxG: Array, h_BxH: Array, c_BxH: Array,
 
 def _scan_layer(params: LayerParams, x_TxBxI: Array, mask_TxB: Array, h0_BxH: Array,
                 c0_BxH: Array, dtype: jnp.dtype | None, keep_gates: bool):
-  """The forward recurrence. Returns ((h_T, c_T), (h TxBxH, c TxBxH, gates TxBxG or None))."""
+  """The forward recurrence. Returns ((h_T, c_T), (h TxBxH, c TxBxH, gates TxBxG or None)).
+
+  keep_gates (the forward of `fused_layer`) with a 16-bit `dtype` carries and returns h in that
+  dtype: every reader of h (the next step's and the next layer's matmuls, the softmax, the weight
+  gradients) rounds it to `dtype` anyway, and each step saves a conversion pass and half of h's
+  stores. Otherwise h stays in h0's dtype, so autodiff of `layer` keeps float32 cotangents.
+  """
   gx_TxBxG = affine(x_TxBxI, params["w_x"], params["b"], dtype)
   w_h = params["w_h"] if dtype is None else params["w_h"].astype(dtype)  # cast once, not per step
+  h_dtype = dtype if keep_gates and dtype is not None else h0_BxH.dtype
 
   def step(carry, inputs):
     h, c = carry
     gx_BxG, m_B = inputs
     h_new, c_new, gates_BxG = _cell_gates(w_h, gx_BxG, h, c, dtype)
     keep = m_B[:, None] > 0
-    h = jnp.where(keep, h_new, h)
+    h = jnp.where(keep, h_new.astype(h_dtype), h)
     c = jnp.where(keep, c_new, c)
-    return (h, c), (h, c, gates_BxG) if keep_gates else h
+    return (h, c), (_as_bits(h), c, gates_BxG) if keep_gates else h
 
-  return jax.lax.scan(step, (h0_BxH, c0_BxH), (gx_TxBxG, mask_TxB))
+  (h_T, c_T), outs = jax.lax.scan(step, (h0_BxH.astype(h_dtype), c0_BxH), (gx_TxBxG, mask_TxB))
+  if not keep_gates:
+    return (h_T, c_T), outs
+  h_bits, c_TxBxH, gates_TxBxG = outs  # the custom VJP differentiates this path, not autodiff
+  return (h_T, c_T), (jax.lax.bitcast_convert_type(h_bits, h_dtype), c_TxBxH, gates_TxBxG)
 
 
 def layer(params: LayerParams, x_TxBxI: Array, mask_TxB: Array, h0_BxH: Array, c0_BxH: Array,
@@ -169,7 +192,7 @@ def layer(params: LayerParams, x_TxBxI: Array, mask_TxB: Array, h0_BxH: Array, c
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def fused_layer(params: LayerParams, x_TxBxI: Array, mask_TxB: Array, h0_BxH: Array,
                 c0_BxH: Array, dtype: jnp.dtype | None = None) -> tuple[Array, tuple[Array, Array]]:
-  """`layer` (same values) with the hand-written backward pass described in the module doc."""
+  """`layer` with the hand-written backward pass described in the module doc."""
   return layer(params, x_TxBxI, mask_TxB, h0_BxH, c0_BxH, dtype)
 
 
@@ -177,14 +200,14 @@ def _fused_layer_fwd(params, x_TxBxI, mask_TxB, h0_BxH, c0_BxH, dtype):
   (h_T, c_T), (h_TxBxH, c_TxBxH, gates_TxBxG) = _scan_layer(
       params, x_TxBxI, mask_TxB, h0_BxH, c0_BxH, dtype, True)
   res = (params, x_TxBxI, mask_TxB, h0_BxH, c0_BxH, h_TxBxH, c_TxBxH, gates_TxBxG)
-  return (h_TxBxH, (h_T, c_T)), res
+  return (h_TxBxH.astype(h0_BxH.dtype), (h_T.astype(h0_BxH.dtype), c_T)), res
 
 
 def _fused_layer_bwd(dtype, res, cotangents):
   params, x_TxBxI, mask_TxB, h0_BxH, c0_BxH, h_TxBxH, c_TxBxH, gates_TxBxG = res
   dh_TxBxH, (dh_T, dc_T) = cotangents
   cd = x_TxBxI.dtype if dtype is None else dtype  # dtype of the backward matmul operands
-  h_prev_TxBxH = jnp.concatenate([h0_BxH[None], h_TxBxH[:-1]], axis=0)
+  h_prev_TxBxH = jnp.concatenate([h0_BxH[None].astype(h_TxBxH.dtype), h_TxBxH[:-1]], axis=0)
   c_prev_TxBxH = jnp.concatenate([c0_BxH[None], c_TxBxH[:-1]], axis=0)
   # dz @ w_h^T per step: 16-bit products run 1.06-1.3x faster with w_h contracted in place,
   # float32 ones about 7% faster on a materialised transpose (BENCHMARKS.md).
@@ -245,7 +268,7 @@ def stack(layers: list[LayerParams], x_TxBxI: Array, mask_TxB: Array, state: Sta
   """Runs L layers layer-major over the whole sequence.
 
   Returns the top layer's h at every step (TxBxH) and the final state of every layer.
-  custom_vjp=True runs `fused_layer` (same values, faster gradients, reverse mode only).
+  custom_vjp=True runs `fused_layer` (same loss and gradients, faster, reverse mode only).
   """
   run_layer = fused_layer if custom_vjp else layer
   hs, cs = [], []

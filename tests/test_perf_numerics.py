@@ -4,7 +4,8 @@
   the plain code (float64: to rounding; float32: to 1e-6), padding included. The layer tests
   give every output a cotangent (what a layer above sends back), so the model tests use one
   layer to keep compile time down.
-- bfloat16 compute mode: loss and gradients close to float32 (loose tolerance).
+- bfloat16 compute mode: loss and gradients close to float32 (loose tolerance); the fused
+  layer's forward equals the plain one's up to the bfloat16 rounding of h.
 - The rewritten helpers (lstm.transposed, lstm.matmul_nt, model.log_softmax, decode._argmax)
   against the jnp functions they replace, edge cases included.
 """
@@ -82,6 +83,21 @@ def test_fused_layer_bfloat16_close_to_float32():
   for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
     assert g.dtype == r.dtype == jnp.float32
     np.testing.assert_allclose(g, r, rtol=0.05, atol=0.03 * float(jnp.max(jnp.abs(r))))
+
+
+def test_fused_layer_bfloat16_forward_is_layer_with_h_rounded():
+  """Under differentiation a bfloat16 fused layer carries h in bfloat16: its outputs are exactly
+  `layer`'s with h rounded to bfloat16 (all that ever reads h), c bit for bit the same."""
+  args = layer_inputs()
+  out_ref, _ = layer_vjp(lstm.layer, *args, jnp.bfloat16)
+  out, _ = layer_vjp(lstm.fused_layer, *args, jnp.bfloat16)
+  (h_ref, (hT_ref, cT_ref)), (h, (hT, cT)) = out_ref, out
+  assert h.dtype == hT.dtype == jnp.float32
+  rounded = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_array_equal(h, rounded(h_ref))
+  np.testing.assert_array_equal(hT, rounded(hT_ref))
+  np.testing.assert_array_equal(cT, cT_ref)
+  assert np.any(np.asarray(h_ref) != rounded(h_ref))  # the reference really is unrounded
 
 
 def model_batch():
