@@ -99,6 +99,21 @@ def matmul_nt(x_NxK: Array, w_MxK: Array, dtype: jnp.dtype | None = None) -> Arr
                              preferred_element_type=None if dtype is None else jnp.float32)
 
 
+def gate_matmul_nt(dz_NxG: Array, w_MxG: Array, dtype: jnp.dtype | None) -> Array:
+  """dz @ w.T over the gate axis (G = 4H): `matmul_nt`, for G >= 2048 in a 16-bit dtype as the
+  sum of two products over the halves of G.
+
+  XLA's CPU matmul library runs products with K = 2048 slower per FLOP than with K = 1024
+  (3840 x K x 512 in bf16: 264 against 353 GFLOP/s). Measured on the LSTM backward (both the
+  per-step dh and the dx products): 0.95x the time at H = 512, 0.99x at H = 1000; halves of
+  512 columns were slower (1.05x at H = 256), hence the threshold (BENCHMARKS.md).
+  """
+  if dtype is None or dz_NxG.shape[-1] < 2048:
+    return matmul_nt(dz_NxG, w_MxG, dtype)
+  halves = zip(jnp.split(dz_NxG, 2, axis=-1), jnp.split(w_MxG.astype(dtype), 2, axis=-1))
+  return sum(matmul_nt(d, w, dtype) for d, w in halves)
+
+
 def transposed(x_AxB: Array) -> Array:
   """x.T (BxA) as a new row-major array, to be a matmul operand.
 
@@ -216,7 +231,7 @@ def _fused_layer_bwd(dtype, res, cotangents):
     recurrent = lambda dz_BxG: matmul(dz_BxG, w_hT_GxH)
   else:
     w_h_HxG = params["w_h"].astype(cd)
-    recurrent = lambda dz_BxG: matmul_nt(dz_BxG, w_h_HxG, dtype)
+    recurrent = lambda dz_BxG: gate_matmul_nt(dz_BxG, w_h_HxG, dtype)
 
   def step(carry, inputs):
     dh, dc = carry  # cotangents of the carried h_t, c_t
@@ -243,7 +258,7 @@ def _fused_layer_bwd(dtype, res, cotangents):
   dw_x, db = weight_and_bias_grads(x_TxBxI.reshape(t * b, -1), dz_NxG, dtype)
   dw_h = matmul(transposed(h_prev_TxBxH.reshape(t * b, -1).astype(cd)), dz_NxG, dtype)
   grads = {k: v.astype(params[k].dtype) for k, v in (("w_x", dw_x), ("w_h", dw_h), ("b", db))}
-  dx_TxBxI = matmul_nt(dz_NxG, params["w_x"].astype(cd), dtype).reshape(x_TxBxI.shape)
+  dx_TxBxI = gate_matmul_nt(dz_NxG, params["w_x"].astype(cd), dtype).reshape(x_TxBxI.shape)
   return (grads, dx_TxBxI.astype(x_TxBxI.dtype), _zero_cotangent(mask_TxB),
           dh0_BxH.astype(h0_BxH.dtype), dc0_BxH.astype(c0_BxH.dtype))
 

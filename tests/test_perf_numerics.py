@@ -6,8 +6,9 @@
   layer to keep compile time down.
 - bfloat16 compute mode: loss and gradients close to float32 (loose tolerance); the fused
   layer's forward equals the plain one's up to the bfloat16 rounding of h.
-- The rewritten helpers (lstm.transposed, lstm.matmul_nt, model.log_softmax, decode._argmax)
-  against the jnp functions they replace, edge cases included.
+- The rewritten helpers (lstm.transposed, lstm.matmul_nt, lstm.gate_matmul_nt,
+  model.log_softmax, decode._argmax) against the jnp functions they replace, edge cases
+  included.
 """
 
 import dataclasses
@@ -174,6 +175,18 @@ def test_matmul_nt_is_matmul_by_transpose(dtype, x_shape):
   # the same operands (rounded to dtype) with a float64 sum: only the summation order differs
   cast = lambda a: np.asarray(a if dtype is None else a.astype(dtype), np.float64)
   np.testing.assert_allclose(got, cast(x) @ cast(w).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("g", [1024, 2048, 4000])  # 2048 and 4000 (bf16): two half products
+def test_gate_matmul_nt_is_matmul_by_transpose(dtype, g):
+  kx, kw = jax.random.split(jax.random.PRNGKey(g))
+  x = jax.random.normal(kx, (6, g))
+  w = jax.random.normal(kw, (5, g))
+  got = jax.jit(lstm.gate_matmul_nt, static_argnums=2)(x, w, dtype)
+  assert got.shape == (6, 5) and got.dtype == jnp.float32
+  cast = lambda a: np.asarray(a if dtype is None else a.astype(dtype), np.float64)
+  np.testing.assert_allclose(got, cast(x) @ cast(w).T, rtol=1e-5, atol=1e-4)
 
 
 def test_log_softmax_equals_jax():
