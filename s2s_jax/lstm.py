@@ -18,8 +18,7 @@ time steps (T*B rows) instead of T small ones accumulated in the loop. Every bac
 takes its operands in the compute dtype with a float32 result, so a bfloat16 model also
 runs its backward products in bfloat16 (autodiff would turn them into float32 products).
 Under differentiation with a 16-bit compute dtype its forward returns h rounded to that dtype
-(`_scan_layer`); everything that reads h rounds it so, hence the loss and gradients are those
-of `layer`.
+(`_scan_layer`); everything downstream rounds h so anyway, so the loss is exactly `layer`'s.
 """
 
 from __future__ import annotations
@@ -105,7 +104,7 @@ def gate_matmul_nt(dz_NxG: Array, w_MxG: Array, dtype: jnp.dtype | None) -> Arra
 
   XLA's CPU matmul library runs products with K = 2048 slower per FLOP than with K = 1024
   (3840 x K x 512 in bf16: 264 against 353 GFLOP/s). Measured on the LSTM backward (both the
-  per-step dh and the dx products): 0.95x the time at H = 512, 0.99x at H = 1000; halves of
+  per-step dh and the dx products): 0.95x the time at H = 512, 0.98x at H = 1000; halves of
   512 columns were slower (1.05x at H = 256), hence the threshold (BENCHMARKS.md).
   """
   if dtype is None or dz_NxG.shape[-1] < 2048:
@@ -283,7 +282,8 @@ def stack(layers: list[LayerParams], x_TxBxI: Array, mask_TxB: Array, state: Sta
   """Runs L layers layer-major over the whole sequence.
 
   Returns the top layer's h at every step (TxBxH) and the final state of every layer.
-  custom_vjp=True runs `fused_layer` (same loss and gradients, faster, reverse mode only).
+  custom_vjp=True runs `fused_layer` (same loss, gradients equal to rounding, faster, reverse
+  mode only).
   """
   run_layer = fused_layer if custom_vjp else layer
   hs, cs = [], []
