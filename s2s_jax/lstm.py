@@ -109,8 +109,9 @@ def gate_matmul_nt(dz_NxG: Array, w_MxG: Array, dtype: jnp.dtype | None) -> Arra
   """
   if dtype is None or dz_NxG.shape[-1] < 2048:
     return matmul_nt(dz_NxG, w_MxG, dtype)
-  halves = zip(jnp.split(dz_NxG, 2, axis=-1), jnp.split(w_MxG.astype(dtype), 2, axis=-1))
-  return sum(matmul_nt(d, w, dtype) for d, w in halves)
+  dz_a, dz_b = jnp.split(dz_NxG, 2, axis=-1)
+  w_a, w_b = jnp.split(w_MxG, 2, axis=-1)
+  return matmul_nt(dz_a, w_a, dtype) + matmul_nt(dz_b, w_b, dtype)
 
 
 def transposed(x_AxB: Array) -> Array:
