@@ -71,14 +71,17 @@ def matmul(x: Array, w: Array, dtype: jnp.dtype | None = None) -> Array:
 
 
 def affine(x: Array, w_KxM: Array, b_M: Array, dtype: jnp.dtype | None = None) -> Array:
-  """x @ w + b (x: ...xK) as one matmul [x, 1] @ [w; b]; with `dtype` as `matmul`.
+  """x @ w + b (x: ...xK); with `dtype` as `matmul`.
 
-  Saves the separate pass over the (large) result that adding b costs on XLA's CPU backend.
-  With a 16-bit `dtype` b is two rows, b_hi + b_lo, so that it keeps ~16 significant bits.
+  With a 16-bit `dtype` it is one matmul [x, 1, 1] @ [w; b_hi; b_lo] (b split in two rows so
+  that it keeps ~16 significant bits): the rows cost nothing there and save XLA's CPU backend a
+  pass over the (large) result. A float32 product is 1.3x slower with K = 513 than with 512 on
+  an AVX2-only CPU (BENCHMARKS.md), so float32 adds b separately; XLA fuses that add into the
+  result's consumers where it can. Both forms give the same float32 values.
   """
-  ones = jnp.ones(x.shape[:-1] + (1,), x.dtype if dtype is None else dtype)
   if dtype is None:
-    return matmul(jnp.concatenate([x, ones], -1), jnp.concatenate([w_KxM, b_M[None]], 0))
+    return matmul(x, w_KxM) + b_M
+  ones = jnp.ones(x.shape[:-1] + (1,), dtype)
   b_hi = b_M.astype(dtype)
   b_lo = (b_M - b_hi.astype(b_M.dtype)).astype(dtype)
   x_aug = jnp.concatenate([x.astype(dtype), ones, ones], -1)
@@ -224,14 +227,11 @@ def _fused_layer_bwd(dtype, res, cotangents):
   cd = x_TxBxI.dtype if dtype is None else dtype  # dtype of the backward matmul operands
   h_prev_TxBxH = jnp.concatenate([h0_BxH[None].astype(h_TxBxH.dtype), h_TxBxH[:-1]], axis=0)
   c_prev_TxBxH = jnp.concatenate([c0_BxH[None], c_TxBxH[:-1]], axis=0)
-  # dz @ w_h^T per step: 16-bit products run 1.06-1.3x faster with w_h contracted in place,
-  # float32 ones about 7% faster on a materialised transpose (BENCHMARKS.md).
-  if dtype is None:
-    w_hT_GxH = transposed(params["w_h"])
-    recurrent = lambda dz_BxG: matmul(dz_BxG, w_hT_GxH)
-  else:
-    w_h_HxG = params["w_h"].astype(cd)
-    recurrent = lambda dz_BxG: gate_matmul_nt(dz_BxG, w_h_HxG, dtype)
+  # dz @ w_h^T per step with w_h contracted in place (no transpose): 16-bit products run
+  # 1.06-1.3x faster so on AVX-512 CPUs, and float32 ones ~10% faster on an AVX2-only CPU
+  # (on the AVX-512 one a materialised transpose was 7% faster in float32; BENCHMARKS.md).
+  w_h_HxG = params["w_h"].astype(cd)
+  recurrent = lambda dz_BxG: gate_matmul_nt(dz_BxG, w_h_HxG, dtype)
 
   def step(carry, inputs):
     dh, dc = carry  # cotangents of the carried h_t, c_t

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.compare import Variant, describe_spread, paired_ratios
+from benchmarks.compare import Variant, _torch_runs, describe_spread, paired_ratios
 
 
 def variant(name, framework, times, units=100.0, task="train"):
@@ -32,3 +32,20 @@ def test_describe_spread():
   assert describe_spread([0.9, 1.1, 0.95, 1.2, 0.8]) == (
       "median 0.95, quartiles 0.85-1.15, 3/5 rounds below 1")
   assert describe_spread([1.05]) == "median 1.05, quartiles 1.05-1.05, 0/1 rounds below 1"
+
+
+def test_torch_runs_leaves_out_what_pytorch_cannot_run_here():
+  info, logged = {}, []
+  assert _torch_runs("torch f32 train", lambda: 1.0, info, logged.append)
+  assert info == {} and logged == []
+
+  def no_bf16_lstm():
+    raise RuntimeError("could not create a primitive descriptor for the LSTM forward "
+                       "propagation primitive.\nRun workload with ONEDNN_VERBOSE=all")
+
+  assert not _torch_runs("torch bf16 train", no_bf16_lstm, info, logged.append)
+  assert info == {"not_run": {"torch bf16 train": "could not create a primitive descriptor for "
+                                                  "the LSTM forward propagation primitive."}}
+  assert len(logged) == 1 and "torch bf16 train" in logged[0]
+  with pytest.raises(ValueError):  # anything but PyTorch's RuntimeError still fails the run
+    _torch_runs("torch f32 greedy", lambda: int("x"), info, logged.append)
