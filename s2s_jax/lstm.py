@@ -77,7 +77,7 @@ def affine(x: Array, w_KxM: Array, b_M: Array, dtype: jnp.dtype | None = None) -
   that it keeps ~16 significant bits): the rows cost nothing there and save XLA's CPU backend a
   pass over the (large) result. A float32 product is 1.3x slower with K = 513 than with 512 on
   an AVX2-only CPU (BENCHMARKS.md), so float32 adds b separately; XLA fuses that add into the
-  result's consumers where it can. Both forms give the same float32 values.
+  result's consumers where it can. The two float32 forms agreed to the bit where compared.
   """
   if dtype is None:
     return matmul(x, w_KxM) + b_M
@@ -228,8 +228,9 @@ def _fused_layer_bwd(dtype, res, cotangents):
   h_prev_TxBxH = jnp.concatenate([h0_BxH[None].astype(h_TxBxH.dtype), h_TxBxH[:-1]], axis=0)
   c_prev_TxBxH = jnp.concatenate([c0_BxH[None], c_TxBxH[:-1]], axis=0)
   # dz @ w_h^T per step with w_h contracted in place (no transpose): 16-bit products run
-  # 1.06-1.3x faster so on AVX-512 CPUs, and float32 ones ~10% faster on an AVX2-only CPU
-  # (on the AVX-512 one a materialised transpose was 7% faster in float32; BENCHMARKS.md).
+  # 1.06-1.3x faster so on AVX-512 CPUs, and float32 backward scans ran ~1.2x faster so on an
+  # AVX2-only CPU (on the AVX-512 one a materialised transpose had been 7% faster for the
+  # float32 product alone; BENCHMARKS.md).
   w_h_HxG = params["w_h"].astype(cd)
   recurrent = lambda dz_BxG: gate_matmul_nt(dz_BxG, w_h_HxG, dtype)
 
