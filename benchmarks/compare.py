@@ -291,7 +291,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
       if not args.skip_torch:
         trainer = torch_ref.Trainer(train_net, cfg.optim.learning_rate, cfg.optim.clip_norm,
                                     bf16=dt == "bfloat16")
-        if _torch_runs(f"torch {short} train", lambda: trainer.step(src_t, tgt_t), info, log):
+        if _torch_runs(f"torch {short} train", lambda: trainer.step(src_t, tgt_t), info, log)[0]:
           train_vs.append(Variant(f"torch {short}", "train", "torch", dt,
                                   lambda trainer=trainer: trainer.step(src_t, tgt_t),
                                   shape.train_flops(), tokens, state_bytes=torch_bytes))
@@ -320,31 +320,31 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
                                  note=f"{steps_k} steps"))
       bf16 = dt == "bfloat16"
       greedy_t = lambda bf16=bf16: torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16)
-      if not args.skip_torch and _torch_runs(f"torch {short} greedy", greedy_t, info, log):
-        out_t, _ = greedy_t()
-        steps_t = int((out_t != 0).sum(dim=1).max())
+      ran, out = (False, None) if args.skip_torch else _torch_runs(f"torch {short} greedy",
+                                                                    greedy_t, info, log)
+      if ran:
+        steps_t = int((out[0] != 0).sum(dim=1).max())
         decode_vs.append(Variant(
-            f"torch {short}", "greedy", "torch", dt,
-            greedy_t, dec_shape.decode_flops(steps_t), dec_b, dec_b * steps_t, state_bytes=torch_bytes,
-            note=f"{steps_t} steps"))
+            f"torch {short}", "greedy", "torch", dt, greedy_t, dec_shape.decode_flops(steps_t),
+            dec_b, dec_b * steps_t, state_bytes=torch_bytes, note=f"{steps_t} steps"))
   return train_vs, decode_vs, info
 
 
-def _torch_runs(name: str, fn: Callable, info: dict, log: Callable) -> bool:
-  """Runs fn once; False (and the reason in info["not_run"]) where torch cannot run it here.
+def _torch_runs(name: str, fn: Callable, info: dict, log: Callable) -> tuple[bool, Any]:
+  """Runs fn once: (True, its result), or (False, None) and the reason in info["not_run"]
+  where torch cannot run it here.
 
   PyTorch's CPU LSTM under bf16 autocast needs oneDNN's bf16 LSTM, which an AVX2-only CPU
   lacks ("could not create a primitive descriptor for the LSTM forward propagation
   primitive"); the row is then left out and the report names it, instead of the run failing.
   """
   try:
-    fn()
-    return True
+    return True, fn()
   except RuntimeError as e:
     reason = str(e).strip().splitlines()[0][:160]
     info.setdefault("not_run", {})[name] = reason
     log(f"  {name}: PyTorch cannot run it on this machine, left out ({reason})")
-    return False
+    return False, None
 
 
 def with_torch_threads(variants: list[Variant], counts: list[int], auto: bool, log: Callable

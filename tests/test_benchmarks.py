@@ -36,14 +36,14 @@ def test_describe_spread():
 
 def test_torch_runs_leaves_out_what_pytorch_cannot_run_here():
   info, logged = {}, []
-  assert _torch_runs("torch f32 train", lambda: 1.0, info, logged.append)
+  assert _torch_runs("torch f32 train", lambda: 1.5, info, logged.append) == (True, 1.5)
   assert info == {} and logged == []
 
   def no_bf16_lstm():
     raise RuntimeError("could not create a primitive descriptor for the LSTM forward "
                        "propagation primitive.\nRun workload with ONEDNN_VERBOSE=all")
 
-  assert not _torch_runs("torch bf16 train", no_bf16_lstm, info, logged.append)
+  assert _torch_runs("torch bf16 train", no_bf16_lstm, info, logged.append) == (False, None)
   assert info == {"not_run": {"torch bf16 train": "could not create a primitive descriptor for "
                                                   "the LSTM forward propagation primitive."}}
   assert len(logged) == 1 and "torch bf16 train" in logged[0]
