@@ -320,8 +320,9 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
                                  note=f"{steps_k} steps"))
       bf16 = dt == "bfloat16"
       greedy_t = lambda bf16=bf16: torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16)
-      ran, out = (False, None) if args.skip_torch else _torch_runs(f"torch {short} greedy",
-                                                                    greedy_t, info, log)
+      ran, out = (False, None)
+      if not args.skip_torch:
+        ran, out = _torch_runs(f"torch {short} greedy", greedy_t, info, log)
       if ran:
         steps_t = int((out[0] != 0).sum(dim=1).max())
         decode_vs.append(Variant(

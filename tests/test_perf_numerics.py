@@ -177,6 +177,22 @@ def test_matmul_nt_is_matmul_by_transpose(dtype, x_shape):
   np.testing.assert_allclose(got, cast(x) @ cast(w).T, rtol=1e-5, atol=1e-5)
 
 
+def test_affine_is_matmul_plus_bias():
+  kx, kw, kb = jax.random.split(jax.random.PRNGKey(3), 3)
+  x = jax.random.normal(kx, (2, 7, 513))
+  w = jax.random.normal(kw, (513, 9))
+  b = 100.0 + jax.random.normal(kb, (9,))  # large enough that one bf16 row would round it
+  got = jax.jit(lstm.affine)(x, w, b)
+  np.testing.assert_allclose(got, np.asarray(x) @ np.asarray(w) + np.asarray(b), rtol=1e-5,
+                             atol=1e-4)
+  # bf16 operands: x and w are rounded, b keeps ~16 bits (b_hi + b_lo rows), result float32
+  got16 = jax.jit(lstm.affine, static_argnums=3)(x, w, b, jnp.bfloat16)
+  r = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float64)
+  want16 = r(x) @ r(w) + np.asarray(b, np.float64)
+  assert got16.dtype == jnp.float32
+  np.testing.assert_allclose(got16, want16, rtol=0, atol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
 @pytest.mark.parametrize("g", [1024, 2048, 4000])  # 2048 and 4000 (bf16): two half products
 def test_gate_matmul_nt_is_matmul_by_transpose(dtype, g):
