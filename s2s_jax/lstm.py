@@ -5,7 +5,7 @@ Gate order in the fused matrices is (input, forget, cell, output).
 
 The recurrent step (`cell`) does only the h-projection and the gate math; the input
 projection of a layer, x @ w_x + b, is one matmul over all time steps done before the
-scan (`layer`), the way cuDNN-style LSTM kernels split the work. For step-at-a-time use
+scan (`layer`), the way cuDNN-style LSTM kernels split the work (in float32 the step adds b). For step-at-a-time use
 (decoding) `stack_step` runs all layers for one time step.
 
 Masking: where mask is 0 (padding) the state is carried through unchanged, so a padded
@@ -117,30 +117,41 @@ def gate_matmul_nt(dz_NxG: Array, w_MxG: Array, dtype: jnp.dtype | None) -> Arra
   return matmul_nt(dz_a, w_a, dtype) + matmul_nt(dz_b, w_b, dtype)
 
 
-def transposed(x_AxB: Array) -> Array:
-  """x.T (BxA) as a new row-major array, to be a matmul operand.
+def transposed(x_NxK: Array) -> Array:
+  """x as a new row-major KxN array, to be the left operand of x^T @ y. x may be ...xK, with
+  N the product of its leading axes.
 
-  For the left operand of x^T @ y: XLA's CPU backend runs a dot contracted on the left
-  operand's first axis about 2x slower than the same dot on a materialised transpose.
-  (A right operand contracted on its last axis is fine as it is: `matmul_nt`.)
-  Written as reshape -> 3-D transpose -> reshape, the transpose is materialised; a plain
-  x.T would be folded back into the dot's dimension numbers.
+  XLA's CPU backend runs a dot contracted on the left operand's first axis about 1.3x slower
+  than the same dot on a materialised transpose, and folds a plain x.T back into the dot.
+  Moving the last axis of a 3-D x to the front is materialised. Done on activations in their
+  own TxBxK layout it is one pass, 3x faster (2 ms against 7 for 30x128x512 float32) than
+  transposing their 2-D reshape, whose indices cross the T and B axes. A 2-D x is split into
+  3-D first (BENCHMARKS.md).
   """
-  a, b = x_AxB.shape
-  k = next((d for d in range(2, math.isqrt(a) + 1) if a % d == 0), 1)
-  return x_AxB.reshape(k, a // k, b).transpose(2, 0, 1).reshape(b, a)
+  if x_NxK.ndim == 2:
+    a = x_NxK.shape[0]
+    k = next((d for d in range(2, math.isqrt(a) + 1) if a % d == 0), 1)
+    x_NxK = x_NxK.reshape(k, a // k, -1)
+  return jnp.moveaxis(x_NxK, -1, 0).reshape(x_NxK.shape[-1], -1)
 
 
 def weight_and_bias_grads(x_NxK: Array, dy_NxM: Array,
                           dtype: jnp.dtype | None) -> tuple[Array, Array]:
-  """(x^T dy, column sums of dy): the gradients of y = x @ w + b, as one matmul [x^T; 1] @ dy.
+  """(x^T dy, column sums of dy): the gradients of y = x @ w + b (x may be ...xK, as in
+  `transposed`).
 
-  XLA's CPU backend runs the separate column sum of a large dy slower than the extra matmul
-  row (about 80 ms vs ~0 for a 3840 x 16k bfloat16 dy).
+  In float32 the column sums are a separate ones @ dy: the one-row product reads dy once,
+  and an extra row on x^T made the large products 1.04-1.07x slower on an AVX2-only CPU. In a
+  16-bit dtype the sums are that extra row, [x^T; 1] @ dy: XLA's CPU backend ran a separate
+  sum of a large bfloat16 dy slower (about 80 ms vs ~0 for a 3840 x 16k dy). BENCHMARKS.md.
   """
-  xt_aug = jnp.concatenate([transposed(x_NxK.astype(dy_NxM.dtype)),
-                            jnp.ones((1, x_NxK.shape[0]), dy_NxM.dtype)], axis=0)
-  out_KxM = matmul(xt_aug, dy_NxM, dtype)
+  n = dy_NxM.shape[0]
+  if dtype is None:
+    ones_1xN = jnp.ones((1, n), dy_NxM.dtype)
+    return matmul(transposed(x_NxK), dy_NxM), matmul(ones_1xN, dy_NxM)[0]
+  x_NxK1 = jnp.concatenate([x_NxK.astype(dy_NxM.dtype),
+                            jnp.ones(x_NxK.shape[:-1] + (1,), dy_NxM.dtype)], axis=-1)
+  out_KxM = matmul(transposed(x_NxK1), dy_NxM, dtype)
   return out_KxM[:-1], out_KxM[-1]
 
 
@@ -180,13 +191,18 @@ def _scan_layer(params: LayerParams, x_TxBxI: Array, mask_TxB: Array, h0_BxH: Ar
   gradients) rounds it to `dtype` anyway, and each step saves a conversion pass and half of h's
   stores. Otherwise h stays in h0's dtype, so autodiff of `layer` keeps float32 cotangents.
   """
-  gx_TxBxG = affine(x_TxBxI, params["w_x"], params["b"], dtype)
+  if dtype is None:  # float32: b is added in the step's gate pass, not in a pass of its own
+    gx_TxBxG, b_G = matmul(x_TxBxI, params["w_x"]), params["b"]
+  else:
+    gx_TxBxG, b_G = affine(x_TxBxI, params["w_x"], params["b"], dtype), None
   w_h = params["w_h"] if dtype is None else params["w_h"].astype(dtype)  # cast once, not per step
   h_dtype = dtype if keep_gates and dtype is not None else h0_BxH.dtype
 
   def step(carry, inputs):
     h, c = carry
     gx_BxG, m_B = inputs
+    if b_G is not None:
+      gx_BxG = gx_BxG + b_G
     h_new, c_new, gates_BxG = _cell_gates(w_h, gx_BxG, h, c, dtype)
     keep = m_B[:, None] > 0
     h = jnp.where(keep, h_new.astype(h_dtype), h)
@@ -256,8 +272,8 @@ def _fused_layer_bwd(dtype, res, cotangents):
   dz_TxBxG = jax.lax.bitcast_convert_type(dz_TxBxG, cd)
   t, b, g = dz_TxBxG.shape
   dz_NxG = dz_TxBxG.reshape(t * b, g)  # N = T*B rows: one matmul per gradient
-  dw_x, db = weight_and_bias_grads(x_TxBxI.reshape(t * b, -1), dz_NxG, dtype)
-  dw_h = matmul(transposed(h_prev_TxBxH.reshape(t * b, -1).astype(cd)), dz_NxG, dtype)
+  dw_x, db = weight_and_bias_grads(x_TxBxI, dz_NxG, dtype)
+  dw_h = matmul(transposed(h_prev_TxBxH.astype(cd)), dz_NxG, dtype)
   grads = {k: v.astype(params[k].dtype) for k, v in (("w_x", dw_x), ("w_h", dw_h), ("b", db))}
   dx_TxBxI = gate_matmul_nt(dz_NxG, params["w_x"].astype(cd), dtype).reshape(x_TxBxI.shape)
   return (grads, dx_TxBxI.astype(x_TxBxI.dtype), _zero_cotangent(mask_TxB),

@@ -122,10 +122,9 @@ def _softmax_pick_bwd(cfg, res, g_TxB):
   onehot_TxBxV = jnp.arange(v) == tgt_TxB[..., None]
   dlogits_TxBxV = g_TxB[..., None] * (onehot_TxBxV - jnp.exp(logits_TxBxV - norm_TxBx1))
   dlogits_NxV = dlogits_TxBxV.astype(cd).reshape(-1, v)  # N = T*B rows
-  h_NxH = h_TxBxH.reshape(-1, h_TxBxH.shape[-1])
   w = softmax["w"]
   dtype = compute_dtype(cfg)
-  dw, db = lstm.weight_and_bias_grads(h_NxH, dlogits_NxV, dtype)
+  dw, db = lstm.weight_and_bias_grads(h_TxBxH, dlogits_NxV, dtype)
   grads = {"w": dw.astype(w.dtype), "b": db.astype(softmax["b"].dtype)}
   dh_NxH = lstm.matmul_nt(dlogits_NxV, w.astype(cd), dtype)
   return grads, dh_NxH.reshape(h_TxBxH.shape).astype(h_TxBxH.dtype), None

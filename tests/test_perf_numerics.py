@@ -164,6 +164,28 @@ def test_transposed_is_transpose(shape):
   np.testing.assert_array_equal(jax.jit(lstm.transposed)(x), x.T)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5), (1, 6, 2), (2, 3, 1, 4)])
+def test_transposed_flattens_leading_axes(shape):
+  x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  np.testing.assert_array_equal(jax.jit(lstm.transposed)(x), x.reshape(-1, shape[-1]).T)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_weight_and_bias_grads_are_xt_dy_and_column_sums(dtype):
+  kx, ky = jax.random.split(jax.random.PRNGKey(11))
+  x_TxBxK = jax.random.normal(kx, (5, 6, 7))
+  dy_NxM = jax.random.normal(ky, (30, 9))
+  if dtype is not None:
+    dy_NxM = dy_NxM.astype(dtype)  # the caller passes dy already in the compute dtype
+  dw, db = jax.jit(lstm.weight_and_bias_grads, static_argnums=2)(x_TxBxK, dy_NxM, dtype)
+  assert dw.shape == (7, 9) and db.shape == (9,)
+  assert dw.dtype == db.dtype == jnp.float32
+  cast = lambda a: np.asarray(a if dtype is None else a.astype(dtype), np.float64)
+  x_NxK, dy = cast(x_TxBxK).reshape(30, 7), cast(dy_NxM)
+  np.testing.assert_allclose(dw, x_NxK.T @ dy, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(db, dy.sum(0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
 @pytest.mark.parametrize("x_shape", [(7, 33), (3, 5, 33)])
 def test_matmul_nt_is_matmul_by_transpose(dtype, x_shape):
