@@ -5,8 +5,9 @@ Gate order in the fused matrices is (input, forget, cell, output).
 
 The recurrent step (`cell`) does only the h-projection and the gate math; the input
 projection of a layer, x @ w_x + b, is one matmul over all time steps done before the
-scan (`layer`), the way cuDNN-style LSTM kernels split the work (in float32 the step adds b). For step-at-a-time use
-(decoding) `stack_step` runs all layers for one time step.
+scan (`layer`), the way cuDNN-style LSTM kernels split the work (in float32, b is added
+in the step). For step-at-a-time use (decoding) `stack_step` runs all layers for one
+time step.
 
 Masking: where mask is 0 (padding) the state is carried through unchanged, so a padded
 sentence ends with exactly the state it would have alone.
