@@ -320,7 +320,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
                                  note=f"{steps_k} steps"))
       bf16 = dt == "bfloat16"
       greedy_t = lambda bf16=bf16: torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16)
-      ran, out = (False, None)
+      ran, out = False, None
       if not args.skip_torch:
         ran, out = _torch_runs(f"torch {short} greedy", greedy_t, info, log)
       if ran:

@@ -146,9 +146,8 @@ def weight_and_bias_grads(x_NxK: Array, dy_NxM: Array,
   16-bit dtype the sums are that extra row, [x^T; 1] @ dy: XLA's CPU backend ran a separate
   sum of a large bfloat16 dy slower (about 80 ms vs ~0 for a 3840 x 16k dy). BENCHMARKS.md.
   """
-  n = dy_NxM.shape[0]
   if dtype is None:
-    ones_1xN = jnp.ones((1, n), dy_NxM.dtype)
+    ones_1xN = jnp.ones((1, dy_NxM.shape[0]), dy_NxM.dtype)
     return matmul(transposed(x_NxK), dy_NxM), matmul(ones_1xN, dy_NxM)[0]
   x_NxK1 = jnp.concatenate([x_NxK.astype(dy_NxM.dtype),
                             jnp.ones(x_NxK.shape[:-1] + (1,), dy_NxM.dtype)], axis=-1)
