@@ -23,7 +23,7 @@ class ModelConfig:
   hidden_size: int = 1000  # cells per LSTM layer
   embed_size: int = 1000  # word embedding size, source and target
   init_scale: float = 0.08  # every parameter starts U(-init_scale, init_scale)
-  compute_dtype: str = "float32"  # float32 | bfloat16: dtype of matmul operands (params stay f32)
+  compute_dtype: str = "float32"  # float32 | bfloat16 | auto: matmul operand dtype (params stay f32); auto = bfloat16 where the hardware has bf16 dot products, else float32, fixed when a run starts
   custom_vjp: bool = True  # hand-written backward of the LSTM layers and softmax loss (faster; false = autodiff, needed for forward-mode jvp)
 
 

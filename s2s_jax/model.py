@@ -35,6 +35,9 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype | None:
     return None
   if cfg.compute_dtype == "bfloat16":
     return jnp.bfloat16
+  if cfg.compute_dtype == "auto":
+    raise ValueError("model.compute_dtype=auto is chosen when training starts "
+                     "(train.resolve_compute_dtype); the model needs float32 or bfloat16")
   raise ValueError(f"model.compute_dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
 
 

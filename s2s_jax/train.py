@@ -158,9 +158,62 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
   return int(math.ceil(cfg.train.num_epochs * steps_per_epoch))
 
 
+# x86 instructions that XLA's CPU dots use for bfloat16 operands (AVX512-BF16 dot products, AMX).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
+
+
+def native_bf16_dtype(backend: str | None = None,
+                      cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
+  """The matmul dtype `model.compute_dtype=auto` picks on this machine, and why (for the log).
+
+  bfloat16 on accelerators and on x86 CPUs with bf16 dot-product instructions (on a Zen 4 with
+  AVX512-BF16 the quickstart trains ~1.7x faster than in float32); float32 on every other CPU,
+  where XLA widens bf16 operands in software (a quickstart step 1.45x slower than float32 on a
+  Zen 1, see BENCHMARKS.md). CPUs other than x86 Linux were not measured: float32.
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return "bfloat16", f"{backend} backend"
+  try:
+    with open(cpuinfo) as f:
+      flags = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+  except OSError:
+    return "float32", f"CPU, {cpuinfo} unreadable"
+  found = [f for f in BF16_CPU_FLAGS if f in flags]
+  if found:
+    return "bfloat16", f"CPU with {' and '.join(found)}"
+  return "float32", f"CPU without {' or '.join(BF16_CPU_FLAGS)}: bfloat16 would be widened in software"
+
+
+def resolve_compute_dtype(cfg: Config, workdir: str) -> Config:
+  """Checks model.compute_dtype and turns `auto` into float32 or bfloat16.
+
+  A resumed run keeps the dtype it started with (WORKDIR/config.json), so that its resume stays
+  bit-exact on another machine; a new run takes `native_bf16_dtype()`. The resolved value is
+  what config.json records.
+  """
+  name = cfg.model.compute_dtype
+  if name not in COMPUTE_DTYPES:
+    raise config_lib.ConfigError(
+        f"model.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
+  if name != "auto":
+    return cfg
+  saved_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  saved = (config_lib.load_json(saved_path).model.compute_dtype
+           if os.path.exists(saved_path) else "auto")
+  if saved in ("float32", "bfloat16"):
+    dtype, why = saved, f"as the run started, {saved_path}"
+  else:
+    dtype, why = native_bf16_dtype()
+  logging.info("model.compute_dtype=auto: %s (%s)", dtype, why)
+  return config_lib.override(cfg, {"model.compute_dtype": dtype})
+
+
 def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`. Returns the final metrics."""
   parallel.initialize(cfg.parallel)  # multi-host: before anything touches a device
+  cfg = resolve_compute_dtype(cfg, workdir)
   layout = parallel.make_layout(cfg.parallel, {"train.batch_size": cfg.train.batch_size,
                                                "train.eval_batch_size": cfg.train.eval_batch_size})
   main_process = parallel.is_main_process()

@@ -75,6 +75,50 @@ def test_adam_from_the_command_line_trains(toy_corpus, tmp_path):
   assert ppls[-1] < 0.6 * ppls[0], ppls
 
 
+
+def _cpuinfo(tmp_path, flags):
+  text = "".join(f"processor\t: {i}\nflags\t\t: fpu sse2 avx2 fma {flags}\n\n" for i in range(2))
+  (tmp_path / "cpuinfo").write_text(text)
+  return str(tmp_path / "cpuinfo")
+
+
+@pytest.mark.parametrize("backend, flags, expected", [
+    ("cpu", "", "float32"), ("cpu", "avx512f avx512_vnni avx512_bf16", "bfloat16"),
+    ("cpu", "amx_bf16 amx_tile", "bfloat16"), ("cpu", "avx512f avx512_vnni", "float32"),
+    ("gpu", "", "bfloat16"), ("tpu", "", "bfloat16")])
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_has_bf16_dots(tmp_path, backend, flags,
+                                                                       expected):
+  dtype, why = train.native_bf16_dtype(backend, _cpuinfo(tmp_path, flags))
+  assert dtype == expected, why
+  dtype, why = train.native_bf16_dtype(backend, str(tmp_path / "missing"))
+  assert dtype == ("float32" if backend == "cpu" else "bfloat16")
+  assert backend != "cpu" or "missing" in why
+
+
+def test_auto_dtype_is_fixed_when_a_run_starts_and_kept_on_resume(toy_corpus, tmp_path,
+                                                                  monkeypatch, capsys):
+  run = str(tmp_path / "run")
+  cfg = tiny_config(toy_corpus, **{"model.compute_dtype": "auto", "train.num_steps": 4,
+                                   "train.eval_every": 0, "train.checkpoint_every": 0})
+  monkeypatch.setattr(train, "native_bf16_dtype", lambda: ("bfloat16", "test machine"))
+  train.train(cfg, run, progress=False)
+  assert c.load_json(os.path.join(run, "config.json")).model.compute_dtype == "bfloat16"
+  # On a machine that would choose float32, the run resumes in the dtype it started with.
+  monkeypatch.setattr(train, "native_bf16_dtype", lambda: ("float32", "test machine"))
+  assert train.resolve_compute_dtype(cfg, run).model.compute_dtype == "bfloat16"
+  assert train.train(c.override(cfg, {"train.num_steps": 6}), run, progress=False)["step"] == 6
+  assert train.resolve_compute_dtype(cfg, str(tmp_path / "new")).model.compute_dtype == "float32"
+  explicit = c.override(cfg, {"model.compute_dtype": "float32"})
+  assert train.resolve_compute_dtype(explicit, run) == explicit
+  # A dtype that does not exist is a one-line error from the command line, before any work.
+  argv = ["--workdir", str(tmp_path / "bad")] + [f"--{k}={v}" for k, v in TINY.items()] + [
+      f"--data.path={toy_corpus}", "--model.compute_dtype=float16"]
+  assert train.main(c.Config(), argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err == ("error: model.compute_dtype must be one of float32, bfloat16, auto, "
+                 "got 'float16'")
+  assert not os.path.exists(tmp_path / "bad" / "config.json")
+
 # Faults taken by writing a fresh 512 MB malloc block after an equal block was freed, in a new
 # process (the malloc settings are process-wide).
 _FAULTS_OF_SECOND_BLOCK = """
