@@ -180,7 +180,7 @@ def native_bf16_dtype(backend: str | None = None,
       flags = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
   except OSError:
     return "float32", f"CPU, {cpuinfo} unreadable"
-  found = [f for f in BF16_CPU_FLAGS if f in flags]
+  found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
   if found:
     return "bfloat16", f"CPU with {' and '.join(found)}"
   return "float32", f"CPU without {' or '.join(BF16_CPU_FLAGS)}: bfloat16 would be widened in software"
