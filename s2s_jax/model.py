@@ -29,12 +29,14 @@ Array = jax.Array
 Params = dict[str, Any]
 
 
+# model.compute_dtype's concrete values and the matmul operand dtype each names (None: float32).
+OPERAND_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype | None:
   """Matmul operand dtype; None keeps float32 operands."""
-  if cfg.compute_dtype == "float32":
-    return None
-  if cfg.compute_dtype == "bfloat16":
-    return jnp.bfloat16
+  if cfg.compute_dtype in OPERAND_DTYPES:
+    return OPERAND_DTYPES[cfg.compute_dtype]
   if cfg.compute_dtype == "auto":
     raise ValueError("model.compute_dtype=auto is chosen when training starts "
                      "(train.resolve_compute_dtype); the model needs float32 or bfloat16")

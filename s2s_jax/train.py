@@ -160,7 +160,7 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 # x86 instructions that XLA's CPU dots use for bfloat16 operands (AVX512-BF16 dot products, AMX).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
+COMPUTE_DTYPES = (*model.OPERAND_DTYPES, "auto")  # model.compute_dtype's values
 
 
 def native_bf16_dtype(backend: str | None = None,
@@ -202,7 +202,7 @@ def resolve_compute_dtype(cfg: Config, workdir: str) -> Config:
   saved_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   saved = (config_lib.load_json(saved_path).model.compute_dtype
            if os.path.exists(saved_path) else "auto")
-  if saved in ("float32", "bfloat16"):
+  if saved in model.OPERAND_DTYPES:
     dtype, why = saved, f"as the run started, {saved_path}"
   else:
     dtype, why = native_bf16_dtype()
