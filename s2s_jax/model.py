@@ -61,10 +61,21 @@ def num_params(params: Params) -> int:
   return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
+def embed(table_VxE: Array, ids: Array) -> Array:
+  """Rows of an embedding table for integer ids of any shape (-> ids.shape + (E,)).
+
+  Ids come from the vocabulary the table was sized by, so they are in range. mode="clip"
+  says so to XLA: jnp.take's default ("fill") marks out-of-range rows NaN with a select that
+  XLA recomputes, with its index arithmetic, inside each consumer; the backward's transposes
+  of the embedded inputs ran 2-4x slower for it (BENCHMARKS.md, ninth round).
+  """
+  return jnp.take(table_VxE, ids, axis=0, mode="clip")
+
+
 def encode(params: Params, src_BxS: Array, cfg: ModelConfig) -> lstm.State:
   """The encoder's final (h, c) of every layer, each LxBxH."""
   b = src_BxS.shape[0]
-  x_SxBxE = jnp.take(params["src_embed"], src_BxS.T, axis=0)
+  x_SxBxE = embed(params["src_embed"], src_BxS.T)
   mask_SxB = (src_BxS.T != PAD_ID).astype(jnp.float32)
   state0 = lstm.zero_state(cfg.num_layers, b, cfg.hidden_size, params["src_embed"].dtype)
   _, state = lstm.stack(params["encoder"], x_SxBxE, mask_SxB, state0, compute_dtype(cfg),
@@ -86,7 +97,7 @@ def project(params: Params, h: Array, cfg: ModelConfig) -> Array:
 def decode_hidden(params: Params, state: lstm.State, tgt_BxT: Array, cfg: ModelConfig) -> Array:
   """Teacher-forced decoder: top-layer h at every target position, TxBxH."""
   y_in_BxT = decoder_inputs(tgt_BxT)
-  x_TxBxE = jnp.take(params["tgt_embed"], y_in_BxT.T, axis=0)
+  x_TxBxE = embed(params["tgt_embed"], y_in_BxT.T)
   mask_TxB = (tgt_BxT.T != PAD_ID).astype(jnp.float32)
   h_TxBxH, _ = lstm.stack(params["decoder"], x_TxBxE, mask_TxB, state, compute_dtype(cfg),
                           cfg.custom_vjp)
@@ -170,7 +181,7 @@ def loss_fn(params: Params, batch: dict[str, Array], cfg: ModelConfig,
 def decoder_step(params: Params, state: lstm.State, y_prev_B: Array,
                  cfg: ModelConfig) -> tuple[Array, lstm.State]:
   """One decoding step: log p(. | state, y_prev) as BxV, and the new state."""
-  x_BxE = jnp.take(params["tgt_embed"], y_prev_B, axis=0)
+  x_BxE = embed(params["tgt_embed"], y_prev_B)
   h_BxH, state = lstm.stack_step(params["decoder"], x_BxE, state, compute_dtype(cfg))
   return log_softmax(project(params, h_BxH, cfg)), state
 

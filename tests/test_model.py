@@ -70,6 +70,19 @@ def test_loss_is_summed_nll_over_sentences():
   np.testing.assert_allclose(loss, -np.sum(np.asarray(lp)) / 3, rtol=1e-6)
 
 
+def test_embed_rows_and_their_gradient():
+  table_VxE = jnp.arange(12.0).reshape(4, 3)
+  ids_BxT = jnp.array([[1, 3], [1, 0]])
+  x_BxTxE = model.embed(table_VxE, ids_BxT)
+  np.testing.assert_array_equal(x_BxTxE, np.asarray(table_VxE)[np.asarray(ids_BxT)])
+  # The gradient adds up every position's cotangent in its id's row; id 2 gets none.
+  w_BxTxE = jnp.arange(1.0, 13.0).reshape(2, 2, 3)
+  g = jax.grad(lambda t: jnp.sum(model.embed(t, ids_BxT) * w_BxTxE))(table_VxE)
+  np.testing.assert_array_equal(g, [[10, 11, 12], [1 + 7, 2 + 8, 3 + 9], [0, 0, 0], [4, 5, 6]])
+  # Ids are in range by construction; one that is not is clipped, not turned into NaN.
+  np.testing.assert_array_equal(model.embed(table_VxE, jnp.array([7, -1])), np.asarray(table_VxE)[[3, 0]])
+
+
 def test_gradients_match_finite_differences():
   with jax.enable_x64(True):
     p = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params(3))
