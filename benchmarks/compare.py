@@ -14,6 +14,11 @@ Timed repetitions of every variant are interleaved (ours f32, torch f32, ours bf
 machine's matmul peak (f32 and bf16, JAX and torch, the best of each dtype) is measured in the
 same run. A PyTorch variant that raises on this machine (its bf16 LSTM on a CPU without bf16
 instructions) is left out and named on a `not run:` line under the table.
+PyTorch runs on the device JAX computes on: the CPU, or with JAX on a GPU, CUDA (cuDNN's LSTM;
+a torch build without CUDA is then an error unless --skip-torch). On a GPU, float32 products
+use TF32 in both frameworks (JAX's default there) unless --f32-matmul highest, peak memory is
+XLA's buffer assignment for ours and torch's allocator peak for PyTorch, and thread counts do
+not apply.
 The last line is `ratio train=X decode=Y`: our best variant over PyTorch's best;
 the line before it gives the same ratio round by round (median, quartiles), a measure of how
 much the machine's noise moves it.
@@ -112,6 +117,42 @@ class PeakRss:
     return False
 
 
+class CudaPeak:
+  """torch's CUDA allocator: `.extra` = its peak during the block minus what it held at entry."""
+
+  def __enter__(self):
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    self.base = torch.cuda.memory_allocated()
+    return self
+
+  def __exit__(self, *exc):
+    import torch
+    torch.cuda.synchronize()
+    self.extra = torch.cuda.max_memory_allocated() - self.base
+    return False
+
+
+def xla_extra_bytes(stats) -> int:
+  """Device memory a compiled XLA program needs beyond its arguments: temporaries plus outputs
+  that do not reuse a donated argument (`Compiled.memory_analysis()`)."""
+  return stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+
+
+def torch_device(jax_backend: str, cuda_available: bool) -> str:
+  """The torch device that matches where JAX computes (`jax.default_backend()`)."""
+  if jax_backend == "cpu":
+    return "cpu"
+  if jax_backend in ("gpu", "cuda") and cuda_available:
+    return "cuda"
+  if jax_backend in ("gpu", "cuda"):
+    raise SystemExit("benchmarks.compare: JAX computes on a GPU but this PyTorch build has no "
+                     "CUDA; install a CUDA build of torch, or pass --skip-torch")
+  raise SystemExit(f"benchmarks.compare: JAX computes on {jax_backend!r}; the PyTorch reference "
+                   "runs on a CPU or a CUDA GPU only: pass --skip-torch")
+
+
 @dataclasses.dataclass
 class Variant:
   """One measured row: `run()` does the work once and returns when it is finished."""
@@ -125,6 +166,8 @@ class Variant:
   hyp_steps: float = 0.0  # decode: hypotheses x steps per run
   state_bytes: int = 0  # persistent memory the variant owns (params, optimizer state)
   times: list = dataclasses.field(default_factory=list)
+  # measures step_extra_bytes around the last warm-up run; None: set when the variant was built
+  meter: Callable[[], Any] | None = PeakRss
   step_extra_bytes: int = 0
   compile_s: float = 0.0
   note: str = ""
@@ -139,11 +182,12 @@ class Variant:
 
 
 def run_interleaved(variants: list[Variant], warmup: int, reps: int, log: Callable) -> None:
-  """Warm-up (the last one under the RSS sampler), then `reps` rounds over all variants."""
+  """Warm-up (the last one under the variant's memory meter), then `reps` rounds over all
+  variants."""
   for v in variants:
     for i in range(warmup):
-      if i == warmup - 1:
-        with PeakRss() as mem:
+      if i == warmup - 1 and v.meter is not None:
+        with v.meter() as mem:
           v.run()
         v.step_extra_bytes = mem.extra
       else:
@@ -160,8 +204,8 @@ def run_interleaved(variants: list[Variant], warmup: int, reps: int, log: Callab
 
 # ---------------------------------------------------------------- matmul peak
 
-def matmul_peak(n: int, reps: int, with_torch: bool) -> dict[str, float]:
-  """Best FLOP/s of an n x n x n matmul, per framework and dtype."""
+def matmul_peak(n: int, reps: int, with_torch: bool, device: str = "cpu") -> dict[str, float]:
+  """Best FLOP/s of an n x n x n matmul, per framework and dtype (torch on `device`)."""
   import jax
   import jax.numpy as jnp
   out = {}
@@ -175,14 +219,17 @@ def matmul_peak(n: int, reps: int, with_torch: bool) -> dict[str, float]:
     out[name] = 2 * n**3 / best
   if with_torch:
     import torch
+    from benchmarks import torch_ref
+    dev = torch.device(device)
     for dt in ("float32", "bfloat16"):
       # A CPU without bf16 instructions may run torch's bf16 product through a scalar fallback
       # (0.3 GFLOP/s seen on an AVX2-only Zen 3): a 512 probe first, the n product only if the
       # probe says it takes under a second.
       for m in (min(n, 512), n):
-        t = torch.randn(m, m).to(getattr(torch, dt))
-        t @ t
-        best = min(_timed(lambda: t @ t) for _ in range(reps))
+        t = torch.randn(m, m, device=dev).to(getattr(torch, dt))
+        product = lambda: (t @ t, torch_ref.sync(dev))
+        product()
+        best = min(_timed(product) for _ in range(reps))
         if m == n or best * (n / m) ** 3 > 1.0:
           break
       out[f"torch {dt}"] = 2 * m**3 / best
@@ -226,12 +273,15 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   Variants of one framework share their weights (ours: one train state, passed from step to
   step whatever the dtype; torch: one net for training, one for decoding), which keeps the
   paper configuration in memory; the time of an SGD step does not depend on the weights.
+  `args.backend` is where JAX computes, `args.device` where PyTorch runs ("cpu" or "cuda", from
+  `torch_device`).
   """
   import jax
   from s2s_jax import config as config_lib
   from s2s_jax import decode, model, optim, train
 
   cfg = model_config(shape)
+  on_cpu = args.backend == "cpu"
   dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
   tx, _ = optim.make_optimizer(cfg.optim, steps_per_epoch=1000)
   batch_np = make_batch(shape)
@@ -239,23 +289,34 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   tokens = float(np.sum(batch_np["src"] != 0) + np.sum(batch_np["tgt"] != 0))
   holder = {"state": train.init_state(cfg, tx, shape.src_vocab, shape.tgt_vocab)}
   params_host = jax.device_get(holder["state"]["params"])
-  info: dict[str, Any] = {"params": model.num_params(params_host)}
+  info: dict[str, Any] = {"params": model.num_params(params_host),
+                          "words": train.count_words(batch_np)}
   dec_b = args.decode_batch
   src = batch["src"][:dec_b]
   dec_shape = dataclasses.replace(shape, batch=dec_b)
+  # ours: RSS sampled on the CPU; on a device, XLA's buffer assignment (set below)
+  ours_meter = PeakRss if on_cpu else None
+  extra = lambda compiled: 0 if on_cpu else xla_extra_bytes(compiled.memory_analysis())
 
   train_vs, decode_vs = [], []
   if not args.skip_torch:
     import torch
     from benchmarks import torch_ref
+    dev = torch.device(args.device)
+    torch_meter = PeakRss if args.device == "cpu" else CudaPeak
+    where = "" if args.device == "cpu" else f" {args.device}"  # CPU rows get a thread count later
     torch.manual_seed(0)
-    src_t = torch.from_numpy(batch_np["src"]).long()
-    tgt_t = torch.from_numpy(batch_np["tgt"]).long()
-    new_net = lambda: torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab,
-                                        shape.tgt_vocab)
+    src_t = torch.from_numpy(batch_np["src"]).long().to(dev)
+    tgt_t = torch.from_numpy(batch_np["tgt"]).long().to(dev)
+
+    def new_net():
+      net = torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab,
+                              shape.tgt_vocab)
+      net.load_params(params_host)
+      return net.to(dev)  # on CUDA, nn.LSTM flattens its weights for cuDNN here
+
     # The same function in both frameworks: compare the initial losses in float32.
     train_net = new_net()
-    train_net.load_params(params_host)
     with torch.no_grad():
       loss_t = float(train_net.loss(src_t, tgt_t))
     loss_j = float(jax.jit(lambda p, b: model.loss_fn(p, b, cfg.model)[0])(
@@ -266,7 +327,6 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
     torch_bytes = sum(p.numel() * p.element_size() for p in train_net.parameters())
     if "decode" in args.tasks:
       decode_net = new_net()
-      decode_net.load_params(params_host)
       src_dec_t = src_t[:dec_b]
   if "decode" in args.tasks:
     params = jax.device_put(params_host)  # decoding never changes it
@@ -286,48 +346,47 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
         jax.block_until_ready((holder["state"], metrics))
 
       train_vs.append(Variant(f"ours {short}", "train", "ours", dt, run_ours, shape.train_flops(),
-                              tokens, state_bytes=tree_bytes(holder["state"]), compile_s=compile_s))
+                              tokens, state_bytes=tree_bytes(holder["state"]), compile_s=compile_s,
+                              meter=ours_meter, step_extra_bytes=extra(compiled)))
       log(f"  compiled ours train {short} in {compile_s:.1f} s")
       if not args.skip_torch:
         trainer = torch_ref.Trainer(train_net, cfg.optim.learning_rate, cfg.optim.clip_norm,
                                     bf16=dt == "bfloat16")
-        if _torch_runs(f"torch {short} train", lambda: trainer.step(src_t, tgt_t), info, log)[0]:
-          train_vs.append(Variant(f"torch {short}", "train", "torch", dt,
-                                  lambda trainer=trainer: trainer.step(src_t, tgt_t),
-                                  shape.train_flops(), tokens, state_bytes=torch_bytes))
+        step_t = lambda trainer=trainer: (trainer.step(src_t, tgt_t), torch_ref.sync(dev))
+        if _torch_runs(f"torch {short} train", step_t, info, log)[0]:
+          train_vs.append(Variant(f"torch {short}{where}", "train", "torch", dt, step_t,
+                                  shape.train_flops(), tokens, state_bytes=torch_bytes,
+                                  meter=torch_meter))
     if "decode" in args.tasks:
       kw = dict(cfg=cfg_d.model, max_len=DECODE_STEPS, len_a=0.0, len_b=DECODE_STEPS)
-      t0 = time.perf_counter()
-      toks, _ = decode.greedy(params, src, **kw)  # compiles
-      compile_s = time.perf_counter() - t0
-      steps = int(np.max(np.sum(np.asarray(toks) != 0, axis=1)))
-      decode_vs.append(Variant(f"ours {short}", "greedy", "ours", dt,
-                               lambda kw=kw: jax.block_until_ready(decode.greedy(params, src, **kw)),
-                               dec_shape.decode_flops(steps), dec_b, dec_b * steps,
-                               state_bytes=tree_bytes(params), compile_s=compile_s,
-                               note=f"{steps} steps"))
-      for k in args.beams:
-        bkw = dict(kw, beam_size=k, nbest=1)
-        run_beam = lambda bkw=bkw: jax.block_until_ready(decode.beam(params, src, **bkw))
+      searches = [("greedy", decode.greedy, kw, 1)]
+      searches += [(f"beam{k}", decode.beam, dict(kw, beam_size=k, nbest=1), k) for k in args.beams]
+      for task, search, skw, k in searches:
         t0 = time.perf_counter()
-        hyps = run_beam()  # compiles
+        compiled = search.lower(params, src, **skw).compile()
         compile_s = time.perf_counter() - t0
-        # steps run = the longest complete hypothesis (the search stops once no live one can win)
-        steps_k = int(np.max(np.sum(np.asarray(hyps.tokens_BxNxT) != 0, axis=-1)))
-        decode_vs.append(Variant(f"ours {short}", f"beam{k}", "ours", dt, run_beam,
-                                 dec_shape.decode_flops(steps_k, k), dec_b, dec_b * k * steps_k,
+        run = lambda compiled=compiled: jax.block_until_ready(compiled(params, src))
+        out = run()
+        # steps run = the longest output (the beam search stops once no live hypothesis can win)
+        toks = out[0] if k == 1 else out.tokens_BxNxT
+        steps = int(np.max(np.sum(np.asarray(toks) != 0, axis=-1)))
+        decode_vs.append(Variant(f"ours {short}", task, "ours", dt, run,
+                                 dec_shape.decode_flops(steps, k), dec_b, dec_b * k * steps,
                                  state_bytes=tree_bytes(params), compile_s=compile_s,
-                                 note=f"{steps_k} steps"))
+                                 note=f"{steps} steps", meter=ours_meter,
+                                 step_extra_bytes=extra(compiled)))
       bf16 = dt == "bfloat16"
       greedy_t = lambda bf16=bf16: torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16)
+      greedy_t_synced = lambda greedy_t=greedy_t: (greedy_t(), torch_ref.sync(dev))[0]
       ran, out = False, None
       if not args.skip_torch:
-        ran, out = _torch_runs(f"torch {short} greedy", greedy_t, info, log)
+        ran, out = _torch_runs(f"torch {short} greedy", greedy_t_synced, info, log)
       if ran:
         steps_t = int((out[0] != 0).sum(dim=1).max())
         decode_vs.append(Variant(
-            f"torch {short}", "greedy", "torch", dt, greedy_t, dec_shape.decode_flops(steps_t),
-            dec_b, dec_b * steps_t, state_bytes=torch_bytes, note=f"{steps_t} steps"))
+            f"torch {short}{where}", "greedy", "torch", dt, greedy_t_synced,
+            dec_shape.decode_flops(steps_t), dec_b, dec_b * steps_t, state_bytes=torch_bytes,
+            note=f"{steps_t} steps", meter=torch_meter))
   return train_vs, decode_vs, info
 
 
@@ -478,6 +537,18 @@ def _set_hugepages(on: bool, argv: list[str]) -> None:
   os.execve(sys.executable, [sys.executable, "-m", "benchmarks.compare", *argv], env)
 
 
+def _set_f32_matmul(mode: str, with_torch: bool) -> None:
+  """float32 products on a GPU: "tf32" (JAX's default there; torch's matmuls and cuDNN are set
+  to it) or "highest" (full float32 in both)."""
+  import jax
+  if mode == "highest":
+    jax.config.update("jax_default_matmul_precision", "highest")
+  if with_torch:
+    import torch
+    torch.set_float32_matmul_precision("high" if mode == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = mode == "tf32"
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
   p.add_argument("--config", choices=sorted(CONFIGS), default="small")
@@ -494,7 +565,11 @@ def main(argv: list[str] | None = None) -> int:
                       "count once and keep the fastest (the paper config's default)")
   p.add_argument("--decode-batch", type=int, default=0,
                  help="sentences per decode call (0 = the config's batch; paper 32)")
-  p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n x n peak matmul")
+  p.add_argument("--peak-size", type=int, default=0,
+                 help="n of the n x n x n peak matmul (0 = 2048 on a CPU, 8192 on a GPU)")
+  p.add_argument("--f32-matmul", choices=("tf32", "highest"), default="tf32",
+                 help="GPU only: float32 products in TF32 (JAX's default there; torch is set to "
+                      "match) or in full float32 in both frameworks")
   p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/s2s_jax/xla"),
                  help="JAX compilation cache ('' = off)")
   p.add_argument("--json", default="", help="also write the results to this file")
@@ -520,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
   args.decode_batch = min(args.decode_batch or (32 if args.config == "paper" else shape.batch),
                           shape.batch)
 
+  # With JAX on a GPU, both frameworks share it: JAX takes 45% of its memory, not 75%.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
   import jax
   if args.cache_dir:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
@@ -528,13 +605,21 @@ def main(argv: list[str] | None = None) -> int:
   load0 = os.getloadavg()[0]
   log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
+  args.backend = backend = jax.default_backend()
+  args.device = "none"
+  if not args.skip_torch:
+    import torch
+    args.device = torch_device(backend, torch.cuda.is_available())
+  if backend != "cpu":
+    _set_f32_matmul(args.f32_matmul, not args.skip_torch)
+  args.peak_size = args.peak_size or (2048 if backend == "cpu" else 8192)
   log(f"config {args.config}: {shape}; {steps} timed steps; jax {jax.__version__} "
-      f"on {jax.devices()[0].device_kind}, {os.cpu_count()} cores")
-  peak = matmul_peak(args.peak_size, 5, not args.skip_torch)
+      f"on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; torch on {args.device}")
+  peak = matmul_peak(args.peak_size, 5, not args.skip_torch, args.device)
   log("matmul peak: " + ", ".join(f"{k} {v/1e12:.3f} TFLOP/s" for k, v in peak.items()))
   train_vs, decode_vs, info = build(args, shape, log)
   log(f"model: {info['params']:,} parameters")
-  if not args.skip_torch:
+  if not args.skip_torch and args.device == "cpu":  # thread counts matter on the CPU only
     train_vs = with_torch_threads(train_vs, args.torch_threads, args.auto_threads, log)
     decode_vs = with_torch_threads(decode_vs, args.torch_threads, args.auto_threads, log)
   if train_vs:
@@ -543,15 +628,17 @@ def main(argv: list[str] | None = None) -> int:
   if decode_vs:
     log("decode:")
     run_interleaved(decode_vs, 1, decode_reps, log)
-  again = matmul_peak(args.peak_size, 5, not args.skip_torch)  # the best of start and end
-  peak = {k: max(v, again[k]) for k, v in peak.items()}
+  again = matmul_peak(args.peak_size, 5, not args.skip_torch, args.device)
+  peak = {k: max(v, again[k]) for k, v in peak.items()}  # the best of start and end
   lines, ratios = report(train_vs, decode_vs, peak)
 
-  versions = f"jax {jax.__version__}"
-  if not args.skip_torch:
-    import torch
+  versions = f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
+  if not args.skip_torch and args.device == "cpu":
     versions += (f", torch {torch.__version__} (threads: {', '.join(map(str, args.torch_threads))}"
                  f"{', fastest kept' if args.auto_threads else ''})")
+  elif not args.skip_torch:
+    versions += (f", torch {torch.__version__} on {torch.cuda.get_device_name()} (cuDNN "
+                 f"{torch.backends.cudnn.version()}); float32 products: {args.f32_matmul}")
   print(f"config {args.config} (L={shape.layers}, H=E={shape.hidden}, V={shape.src_vocab}/"
         f"{shape.tgt_vocab}, batch {shape.batch} (decode {args.decode_batch}), length {shape.length}); "
         f"{versions}; "
@@ -565,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     c = info["check_loss"]
     print(f"same function: initial float32 loss ours {c['ours']:.6f}, torch {c['torch']:.6f}")
   print("\n".join(lines))
+  for framework in ("ours", "torch"):
+    rows = [v for v in train_vs if v.framework == framework]
+    if rows:
+      best = fastest(rows)
+      print(f"train words/s as the paper counts them (source + target, </s> left out), {framework}"
+            f" fastest ({best.name}): {info['words'] / best.median:,.0f}")
   for name, reason in info.get("not_run", {}).items():
     print(f"not run: {name} (PyTorch raised: {reason})")
   paired = {key: paired_ratios(train_vs + decode_vs, task)

@@ -8,7 +8,9 @@ like ours, so `load_params` copies our parameters in unchanged (b goes to bias_i
 and both frameworks then compute the same function (the benchmark checks the losses agree).
 
 Batches here have no padding (the benchmark uses full-length sentences); padded sources
-would need pack_padded_sequence, which this reference does not do.
+would need pack_padded_sequence, which this reference does not do. The module runs on whatever
+device it is moved to (`net.to("cuda")` gives cuDNN's LSTM); autocast follows the inputs'
+device, and `sync` waits for a device's queued work (timing on a GPU needs it).
 """
 
 from __future__ import annotations
@@ -71,8 +73,15 @@ class Seq2Seq(nn.Module):
     return nll / num_sents
 
 
+def sync(device: torch.device) -> None:
+  """Returns once `device` has finished all queued work (a no-op on the CPU)."""
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
+
+
 class Trainer:
-  """One SGD step with global-norm clipping; bf16=True runs forward/backward under CPU autocast."""
+  """One SGD step with global-norm clipping; bf16=True runs forward/backward under autocast
+  (on the device the inputs are on)."""
 
   def __init__(self, net: Seq2Seq, learning_rate: float = 0.7, clip_norm: float = 5.0,
                bf16: bool = False):
@@ -80,7 +89,7 @@ class Trainer:
     self.opt = torch.optim.SGD(net.parameters(), lr=learning_rate)
 
   def step(self, src_BxS: torch.Tensor, tgt_BxT: torch.Tensor) -> float:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+    with torch.autocast(src_BxS.device.type, dtype=torch.bfloat16, enabled=self.bf16):
       loss = self.net.loss(src_BxS, tgt_BxT)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip_norm)
@@ -96,13 +105,14 @@ def greedy(net: Seq2Seq, src_BxS: torch.Tensor, max_len: int,
 
   Returns (ids BxT, summed log p B).
   """
-  with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+  dev = src_BxS.device
+  with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
     b = src_BxS.shape[0]
     state = net.encode(src_BxS)
-    y = torch.full((b,), BOS_ID, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
-    score = torch.zeros(b)
-    out = torch.full((b, max_len), PAD_ID, dtype=torch.long)
+    y = torch.full((b,), BOS_ID, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    score = torch.zeros(b, device=dev)
+    out = torch.full((b, max_len), PAD_ID, dtype=torch.long, device=dev)
     for t in range(max_len):
       h_1xBxH, state = net.decoder(net.tgt_embed(y)[None], state)
       logp = torch.log_softmax(net.softmax(h_1xBxH[0]).float(), dim=-1)

@@ -1,8 +1,12 @@
-"""The benchmark harness's round-by-round ratio (no PyTorch needed: synthetic timings)."""
+"""The benchmark harness's round-by-round ratio and device choices (no PyTorch needed:
+synthetic timings)."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from benchmarks.compare import Variant, _torch_runs, describe_spread, paired_ratios
+from benchmarks.compare import (Variant, _torch_runs, describe_spread, paired_ratios, torch_device,
+                                xla_extra_bytes)
 
 
 def variant(name, framework, times, units=100.0, task="train"):
@@ -49,3 +53,22 @@ def test_torch_runs_leaves_out_what_pytorch_cannot_run_here():
   assert len(logged) == 1 and "torch bf16 train" in logged[0]
   with pytest.raises(ValueError):  # anything but PyTorch's RuntimeError still fails the run
     _torch_runs("torch f32 greedy", lambda: int("x"), info, logged.append)
+
+
+def test_torch_runs_where_jax_computes():
+  assert torch_device("cpu", cuda_available=False) == "cpu"
+  assert torch_device("cpu", cuda_available=True) == "cpu"  # JAX on the CPU: torch there too
+  assert torch_device("gpu", cuda_available=True) == "cuda"
+  with pytest.raises(SystemExit, match="no CUDA.*--skip-torch"):
+    torch_device("gpu", cuda_available=False)
+  with pytest.raises(SystemExit, match="'tpu'.*--skip-torch"):
+    torch_device("tpu", cuda_available=True)
+
+
+def test_xla_extra_bytes_leaves_out_arguments_and_donated_outputs():
+  x = jnp.ones((256, 256), jnp.float32)  # 256 KiB
+  f = lambda a: a * 2.0 + 1.0  # one fused loop: no temporaries
+  fresh = jax.jit(f).lower(x).compile().memory_analysis()
+  donated = jax.jit(f, donate_argnums=0).lower(x).compile().memory_analysis()
+  assert xla_extra_bytes(fresh) == 256 * 256 * 4  # a new output buffer
+  assert xla_extra_bytes(donated) == 0  # written over the donated argument
