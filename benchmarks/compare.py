@@ -376,15 +376,15 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
                                  note=f"{steps} steps", meter=ours_meter,
                                  step_extra_bytes=extra(compiled)))
       bf16 = dt == "bfloat16"
-      greedy_t = lambda bf16=bf16: torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16)
-      greedy_t_synced = lambda greedy_t=greedy_t: (greedy_t(), torch_ref.sync(dev))[0]
+      greedy_t = lambda bf16=bf16: (
+          torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16), torch_ref.sync(dev))[0]
       ran, out = False, None
       if not args.skip_torch:
-        ran, out = _torch_runs(f"torch {short} greedy", greedy_t_synced, info, log)
+        ran, out = _torch_runs(f"torch {short} greedy", greedy_t, info, log)
       if ran:
         steps_t = int((out[0] != 0).sum(dim=1).max())
         decode_vs.append(Variant(
-            f"torch {short}{where}", "greedy", "torch", dt, greedy_t_synced,
+            f"torch {short}{where}", "greedy", "torch", dt, greedy_t,
             dec_shape.decode_flops(steps_t), dec_b, dec_b * steps_t, state_bytes=torch_bytes,
             note=f"{steps_t} steps", meter=torch_meter))
   return train_vs, decode_vs, info
