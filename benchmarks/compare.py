@@ -144,13 +144,13 @@ def torch_device(jax_backend: str, cuda_available: bool) -> str:
   """The torch device that matches where JAX computes (`jax.default_backend()`)."""
   if jax_backend == "cpu":
     return "cpu"
-  if jax_backend in ("gpu", "cuda") and cuda_available:
-    return "cuda"
-  if jax_backend in ("gpu", "cuda"):
+  if jax_backend not in ("gpu", "cuda"):
+    raise SystemExit(f"benchmarks.compare: JAX computes on {jax_backend!r}; the PyTorch reference "
+                     "runs on a CPU or a CUDA GPU only: pass --skip-torch")
+  if not cuda_available:
     raise SystemExit("benchmarks.compare: JAX computes on a GPU but this PyTorch build has no "
                      "CUDA; install a CUDA build of torch, or pass --skip-torch")
-  raise SystemExit(f"benchmarks.compare: JAX computes on {jax_backend!r}; the PyTorch reference "
-                   "runs on a CPU or a CUDA GPU only: pass --skip-torch")
+  return "cuda"
 
 
 @dataclasses.dataclass

@@ -170,7 +170,7 @@ def test_compilation_cache_dir_by_environment():
 
 
 _CACHE_ONE_PROGRAM = """
-import os, jax, jax.numpy as jnp
+import jax, jax.numpy as jnp
 from s2s_jax import train
 print(train.enable_compilation_cache())
 jax.jit(lambda x: jnp.tanh(x @ x))(jnp.ones((64, 64))).block_until_ready()
