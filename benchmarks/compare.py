@@ -334,21 +334,25 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
 
   for dt in dtypes:
     short = "f32" if dt == "float32" else "bf16"
-    cfg_d = config_lib.override(cfg, {"model.compute_dtype": dt})
+    kernels = args.kernels.split(",")
+    cfgs = [(config_lib.override(cfg, {"model.compute_dtype": dt, "model.kernels": kern}),
+             f"ours {short}" + (f" {kern}" if len(kernels) > 1 else "")) for kern in kernels]
     if "train" in args.tasks:
-      step_fn, _ = train.make_steps(cfg_d, tx)
-      t0 = time.perf_counter()
-      compiled = step_fn.lower(holder["state"], batch).compile()
-      compile_s = time.perf_counter() - t0
+      for cfg_k, name in cfgs:
+        step_fn, _ = train.make_steps(cfg_k, tx)
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(holder["state"], batch).compile()
+        compile_s = time.perf_counter() - t0
 
-      def run_ours(compiled=compiled):
-        holder["state"], metrics = compiled(holder["state"], batch)  # the state is donated
-        jax.block_until_ready((holder["state"], metrics))
+        def run_ours(compiled=compiled):
+          holder["state"], metrics = compiled(holder["state"], batch)  # the state is donated
+          jax.block_until_ready((holder["state"], metrics))
 
-      train_vs.append(Variant(f"ours {short}", "train", "ours", dt, run_ours, shape.train_flops(),
-                              tokens, state_bytes=tree_bytes(holder["state"]), compile_s=compile_s,
-                              meter=ours_meter, step_extra_bytes=extra(compiled)))
-      log(f"  compiled ours train {short} in {compile_s:.1f} s")
+        train_vs.append(Variant(name, "train", "ours", dt, run_ours, shape.train_flops(),
+                                tokens, state_bytes=tree_bytes(holder["state"]),
+                                compile_s=compile_s, meter=ours_meter,
+                                step_extra_bytes=extra(compiled)))
+        log(f"  compiled {name} train in {compile_s:.1f} s")
       if not args.skip_torch:
         trainer = torch_ref.Trainer(train_net, cfg.optim.learning_rate, cfg.optim.clip_norm,
                                     bf16=dt == "bfloat16")
@@ -358,23 +362,25 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
                                   shape.train_flops(), tokens, state_bytes=torch_bytes,
                                   meter=torch_meter))
     if "decode" in args.tasks:
-      kw = dict(cfg=cfg_d.model, max_len=DECODE_STEPS, len_a=0.0, len_b=DECODE_STEPS)
-      searches = [("greedy", decode.greedy, kw, 1)]
-      searches += [(f"beam{k}", decode.beam, dict(kw, beam_size=k, nbest=1), k) for k in args.beams]
-      for task, search, skw, k in searches:
-        t0 = time.perf_counter()
-        compiled = search.lower(params, src, **skw).compile()
-        compile_s = time.perf_counter() - t0
-        run = lambda compiled=compiled: jax.block_until_ready(compiled(params, src))
-        out = run()
-        # steps run = the longest output (the beam search stops once no live hypothesis can win)
-        toks = out[0] if k == 1 else out.tokens_BxNxT
-        steps = int(np.max(np.sum(np.asarray(toks) != 0, axis=-1)))
-        decode_vs.append(Variant(f"ours {short}", task, "ours", dt, run,
-                                 dec_shape.decode_flops(steps, k), dec_b, dec_b * k * steps,
-                                 state_bytes=tree_bytes(params), compile_s=compile_s,
-                                 note=f"{steps} steps", meter=ours_meter,
-                                 step_extra_bytes=extra(compiled)))
+      for cfg_k, name in cfgs:
+        kw = dict(cfg=cfg_k.model, max_len=DECODE_STEPS, len_a=0.0, len_b=DECODE_STEPS)
+        searches = [("greedy", decode.greedy, kw, 1)]
+        searches += [(f"beam{k}", decode.beam, dict(kw, beam_size=k, nbest=1), k) for k in args.beams]
+        for task, search, skw, k in searches:
+          t0 = time.perf_counter()
+          compiled = search.lower(params, src, **skw).compile()
+          compile_s = time.perf_counter() - t0
+          run = lambda compiled=compiled: jax.block_until_ready(compiled(params, src))
+          out = run()
+          # steps run = the longest output (the beam search stops once no live hypothesis can win)
+          toks = out[0] if k == 1 else out.tokens_BxNxT
+          steps = int(np.max(np.sum(np.asarray(toks) != 0, axis=-1)))
+          decode_vs.append(Variant(name, task, "ours", dt, run,
+                                   dec_shape.decode_flops(steps, k), dec_b, dec_b * k * steps,
+                                   state_bytes=tree_bytes(params), compile_s=compile_s,
+                                   note=f"{steps} steps", meter=ours_meter,
+                                   step_extra_bytes=extra(compiled)))
+    if "decode" in args.tasks:
       bf16 = dt == "bfloat16"
       greedy_t = lambda bf16=bf16: (
           torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16), torch_ref.sync(dev))[0]
@@ -557,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--decode-reps", type=int, default=0, help="timed decodes per variant (0 = by config)")
   p.add_argument("--dtype", choices=("both", "float32", "bfloat16"), default="both")
   p.add_argument("--tasks", default="train,decode", help="comma list of train, decode")
+  p.add_argument("--kernels", default="auto",
+                 help="comma list of model.kernels values to time (e.g. plain,cpu)")
   p.add_argument("--beams", default="2,12", help="beam sizes for decode.beam_search")
   p.add_argument("--skip-torch", action="store_true", help="measure ours only")
   p.add_argument("--torch-threads", default="",

@@ -12,7 +12,7 @@ from s2s_jax import train
 
 def config() -> c.Config:
   # Not the paper's recipe (that is experiments/wmt14.py): tuned to learn the embedded grammar in
-  # a few CPU minutes. Measured on 2 cores (see README): matmuls in bfloat16 where the CPU has
+  # a few CPU minutes. Measured on 2 cores: matmuls in bfloat16 where the CPU has
   # bf16 dot products (~1.7x faster than float32 on a Zen 4), else in float32 (1.45x faster than
   # bfloat16 on a Zen 1); Adam learns far faster than SGD 0.7 in 3k steps; 100k fresh pairs
   # overfit less than 20k seen 10 times; a final halving phase (the paper's schedule, compressed)
@@ -51,8 +51,32 @@ def show_results(cfg: c.Config, workdir: str) -> None:
   curves.curves([workdir], ["quickstart"], workdir)
   phrases = pca.load_phrases(None, m.cfg.data.src_lang)
   print(pca.summary(pca.write_figure(m, workdir, phrases, "all", workdir)))
-  print(f"plots: {os.path.join(workdir, 'curves.png')} (training curves), "
-        f"{os.path.join(workdir, 'pca.png')} (Figure 2); more analyses: README, Reproducing the paper")
+  print(summary(m, results, workdir))
+
+
+def summary(m, results: dict, workdir: str) -> str:
+  """What a newcomer should take away: what was trained, how good it is, where to look next."""
+  from s2s_jax import model
+  cfg = m.cfg
+  data = (f"{cfg.data.synthetic_train:,} English->French sentence pairs of the embedded grammar"
+          if cfg.data.source == "synthetic" else f"the {cfg.data.source} corpus")
+  order = "read reversed" if cfg.data.reverse_source else "read in order"
+  return "\n".join([
+      "",
+      "summary",
+      f"  trained  a {cfg.model.num_layers}-layer LSTM encoder-decoder ({cfg.model.hidden_size} "
+      f"cells a layer, {model.num_params(m.params) / 1e6:.1f}M parameters) for "
+      f"{m.steps[0]:,} steps on {data}, source {order}",
+      f"  quality  test BLEU {results['bleu']:.1f} on {results.get('sentences', 'the')} held-out "
+      "sentences (0 = nothing right, 100 = the reference word for word; the paper's big model "
+      "reached 34.8 on real news)",
+      f"           perplexity {results['perplexity']:.2f}: at each word the model is about as "
+      f"unsure as a choice among {results['perplexity']:.0f} equally likely words",
+      f"  plots    {os.path.join(workdir, 'curves.png')} (loss and perplexity while training), "
+      f"{os.path.join(workdir, 'pca.png')} (the paper's Figure 2)",
+      f"  next     python -m s2s_jax.translate --workdir {workdir} < sentences.en; "
+      "README: your own data, the paper's configuration",
+  ])
 
 
 if __name__ == "__main__":

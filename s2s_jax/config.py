@@ -24,7 +24,7 @@ class ModelConfig:
   embed_size: int = 1000  # word embedding size, source and target
   init_scale: float = 0.08  # every parameter starts U(-init_scale, init_scale)
   compute_dtype: str = "float32"  # float32 | bfloat16 | auto: matmul operand dtype (params stay f32); auto = bfloat16 where the hardware has bf16 dot products, else float32, fixed when a run starts
-  custom_vjp: bool = True  # hand-written backward of the LSTM layers and softmax loss (faster; false = autodiff, needed for forward-mode jvp)
+  kernels: str = "auto"  # auto | plain | cpu: plain JAX, or s2s_jax/cpu_kernels.py (hand-written backward passes, faster on XLA:CPU); auto = cpu on a CPU backend, plain elsewhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,8 @@ class DataConfig:
   synthetic_test: int = 2_000  # embedded corpus: test pairs
   synthetic_seed: int = 0  # embedded corpus: generator seed
   max_eval_sentences: int = 0  # cap on validation sentences used for perplexity (0 = all)
+  prepared_dir: str = ""  # data store shared by runs ("" = $S2S_JAX_DATA or ~/.cache/s2s_jax/prepared)
+  workers: int = 0  # tokenizer processes when preparing a corpus (0 = one per CPU core)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +93,9 @@ class DecodeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-  strategy: str = "mesh"  # mesh (jit over a NamedSharding mesh) | pmap
-  data: int = -1  # data-parallel mesh size (-1 = all devices / model)
-  model: int = 1  # devices sharing the target softmax (the paper split it over 4)
+  strategy: str = "mesh"  # mesh (jit over a NamedSharding mesh) | pmap | layers (the paper's: LSTM layer l on device l, a wavefront over time, the softmax on `model` more devices)
+  data: int = -1  # data-parallel mesh size (-1 = all devices / model; layers: all devices / (model.num_layers + model))
+  model: int = 1  # devices sharing the target softmax (the paper split it over 4; under layers they hold no LSTM layer)
   distributed: bool = False  # call jax.distributed.initialize() (multi-host)
 
 
@@ -230,6 +232,8 @@ def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
     if not isinstance(vals, Mapping):
       raise ConfigError(f"config section '{sec}' must be an object")
     for k, v in vals.items():
+      if (sec, k) == ("model", "custom_vjp"):  # a config.json written before model.kernels
+        sec, k, v = "model", "kernels", "auto" if v else "plain"
       flat[f"{sec}.{k}"] = v
   return override(base, flat)
 

@@ -11,17 +11,20 @@ A batch is {"src": BxS, "tgt": BxT} of int32 ids, 0-padded on the right. `src` i
 in the order the encoder reads it (reversed when data.reverse_source). `tgt` is y_1..y_n </s>;
 the decoder reads <s> y_1..y_n, i.e. `tgt` shifted right behind the begin symbol.
 The decoder starts from the encoder's final (h, c) of every layer.
+
+model.kernels picks how the LSTM layers and the softmax loss run: plain JAX (`lstm`, autodiff)
+or `cpu_kernels` (hand-written backward passes, faster on XLA's CPU backend); auto takes the
+latter only when JAX's default backend is the CPU.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import lstm
+from s2s_jax import cpu_kernels, lstm
 from s2s_jax.config import ModelConfig
 from s2s_jax.data.vocab import BOS_ID, PAD_ID
 
@@ -41,6 +44,20 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype | None:
     raise ValueError("model.compute_dtype=auto is chosen when training starts "
                      "(train.resolve_compute_dtype); the model needs float32 or bfloat16")
   raise ValueError(f"model.compute_dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
+
+
+KERNELS = ("auto", "plain", "cpu")
+
+
+def cpu_kernels_on(cfg: ModelConfig) -> bool:
+  """Whether `cfg` runs the `cpu_kernels` (model.kernels=cpu, or auto on a CPU backend)."""
+  if cfg.kernels not in KERNELS:
+    raise ValueError(f"model.kernels must be one of {', '.join(KERNELS)}, got {cfg.kernels!r}")
+  return cfg.kernels == "cpu" or (cfg.kernels == "auto" and jax.default_backend() == "cpu")
+
+
+def _run_layer(cfg: ModelConfig) -> Callable:
+  return cpu_kernels.fused_layer if cpu_kernels_on(cfg) else lstm.layer
 
 
 def init_params(key: Array, cfg: ModelConfig, src_vocab: int, tgt_vocab: int) -> Params:
@@ -64,10 +81,8 @@ def num_params(params: Params) -> int:
 def embed(table_VxE: Array, ids: Array) -> Array:
   """Rows of an embedding table for integer ids of any shape (-> ids.shape + (E,)).
 
-  Ids come from the vocabulary the table was sized by, so they are in range. mode="clip"
-  says so to XLA: jnp.take's default ("fill") marks out-of-range rows NaN with a select that
-  XLA recomputes, with its index arithmetic, inside each consumer; the backward's transposes
-  of the embedded inputs ran 2-4x slower for it (BENCHMARKS.md, ninth round).
+  Ids come from the vocabulary the table was sized by, so they are in range; mode="clip"
+  tells XLA so (the default "fill" adds an out-of-range select to every consumer).
   """
   return jnp.take(table_VxE, ids, axis=0, mode="clip")
 
@@ -79,7 +94,7 @@ def encode(params: Params, src_BxS: Array, cfg: ModelConfig) -> lstm.State:
   mask_SxB = (src_BxS.T != PAD_ID).astype(jnp.float32)
   state0 = lstm.zero_state(cfg.num_layers, b, cfg.hidden_size, params["src_embed"].dtype)
   _, state = lstm.stack(params["encoder"], x_SxBxE, mask_SxB, state0, compute_dtype(cfg),
-                        cfg.custom_vjp)
+                        _run_layer(cfg))
   return state
 
 
@@ -91,7 +106,7 @@ def decoder_inputs(tgt_BxT: Array) -> Array:
 
 def project(params: Params, h: Array, cfg: ModelConfig) -> Array:
   """Logits over the target vocabulary for hidden states h (...xH -> ...xV)."""
-  return lstm.affine(h, params["softmax"]["w"], params["softmax"]["b"], compute_dtype(cfg))
+  return lstm.matmul(h, params["softmax"]["w"], compute_dtype(cfg)) + params["softmax"]["b"]
 
 
 def decode_hidden(params: Params, state: lstm.State, tgt_BxT: Array, cfg: ModelConfig) -> Array:
@@ -100,53 +115,16 @@ def decode_hidden(params: Params, state: lstm.State, tgt_BxT: Array, cfg: ModelC
   x_TxBxE = embed(params["tgt_embed"], y_in_BxT.T)
   mask_TxB = (tgt_BxT.T != PAD_ID).astype(jnp.float32)
   h_TxBxH, _ = lstm.stack(params["decoder"], x_TxBxE, mask_TxB, state, compute_dtype(cfg),
-                          cfg.custom_vjp)
+                          _run_layer(cfg))
   return h_TxBxH
 
 
 def target_log_probs(params: Params, h_TxBxH: Array, tgt_TxB: Array, cfg: ModelConfig) -> Array:
   """log p(tgt | h) under the full softmax, TxB (padding positions not masked)."""
-  if cfg.custom_vjp:
-    return _softmax_pick(params["softmax"], h_TxBxH, tgt_TxB, cfg)
+  if cpu_kernels_on(cfg):
+    return cpu_kernels.softmax_pick(params["softmax"], h_TxBxH, tgt_TxB, compute_dtype(cfg))
   logp_TxBxV = jax.nn.log_softmax(project(params, h_TxBxH, cfg), axis=-1)
   return jnp.take_along_axis(logp_TxBxV, tgt_TxB[..., None], axis=-1)[..., 0]
-
-
-# The softmax loss with a hand-written backward pass (model.custom_vjp): the forward keeps only
-# the logits (never a TxBxV log-softmax), the backward forms d logits = g * (onehot - softmax)
-# in one fused pass, directly in the compute dtype, and multiplies it in the layouts XLA's CPU
-# matmul library runs fastest (`lstm.transposed`, `lstm.matmul_nt`) so that a bfloat16
-# model's backward products stay bfloat16 too.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _softmax_pick(softmax: Params, h_TxBxH: Array, tgt_TxB: Array, cfg: ModelConfig) -> Array:
-  return _softmax_pick_fwd(softmax, h_TxBxH, tgt_TxB, cfg)[0]
-
-
-def _softmax_pick_fwd(softmax, h_TxBxH, tgt_TxB, cfg):
-  logits_TxBxV = project({"softmax": softmax}, h_TxBxH, cfg)
-  max_TxBx1 = jnp.max(logits_TxBxV, axis=-1, keepdims=True)  # as jax.nn.log_softmax computes it
-  lse_TxBx1 = jnp.log(jnp.sum(jnp.exp(logits_TxBxV - max_TxBx1), axis=-1, keepdims=True))
-  picked_TxBx1 = jnp.take_along_axis(logits_TxBxV, tgt_TxB[..., None], axis=-1) - max_TxBx1
-  lp_TxB = (picked_TxBx1 - lse_TxBx1)[..., 0]
-  return lp_TxB, (softmax, h_TxBxH, tgt_TxB, logits_TxBxV, max_TxBx1 + lse_TxBx1)
-
-
-def _softmax_pick_bwd(cfg, res, g_TxB):
-  softmax, h_TxBxH, tgt_TxB, logits_TxBxV, norm_TxBx1 = res
-  cd = compute_dtype(cfg) or h_TxBxH.dtype
-  v = logits_TxBxV.shape[-1]
-  onehot_TxBxV = jnp.arange(v) == tgt_TxB[..., None]
-  dlogits_TxBxV = g_TxB[..., None] * (onehot_TxBxV - jnp.exp(logits_TxBxV - norm_TxBx1))
-  dlogits_NxV = dlogits_TxBxV.astype(cd).reshape(-1, v)  # N = T*B rows
-  w = softmax["w"]
-  dtype = compute_dtype(cfg)
-  dw, db = lstm.weight_and_bias_grads(h_TxBxH, dlogits_NxV, dtype)
-  grads = {"w": dw.astype(w.dtype), "b": db.astype(softmax["b"].dtype)}
-  dh_NxH = lstm.matmul_nt(dlogits_NxV, w.astype(cd), dtype)
-  return grads, dh_NxH.reshape(h_TxBxH.shape).astype(h_TxBxH.dtype), None
-
-
-_softmax_pick.defvjp(_softmax_pick_fwd, _softmax_pick_bwd)
 
 
 def token_log_probs(params: Params, batch: dict[str, Array], cfg: ModelConfig,
@@ -183,12 +161,7 @@ def decoder_step(params: Params, state: lstm.State, y_prev_B: Array,
   """One decoding step: log p(. | state, y_prev) as BxV, and the new state."""
   x_BxE = embed(params["tgt_embed"], y_prev_B)
   h_BxH, state = lstm.stack_step(params["decoder"], x_BxE, state, compute_dtype(cfg))
-  return log_softmax(project(params, h_BxH, cfg)), state
-
-
-def log_softmax(logits: Array) -> Array:
-  """log softmax over the last axis, written x - (max + log sum exp(x - max)): in a decoding
-  step XLA's CPU backend runs this form about 1.5x faster than jax.nn.log_softmax (which it
-  fuses into the matmul library call together with the max). Not for gradients."""
-  max_ = jnp.max(logits, axis=-1, keepdims=True)
-  return logits - (max_ + jnp.log(jnp.sum(jnp.exp(logits - max_), axis=-1, keepdims=True)))
+  logits_BxV = project(params, h_BxH, cfg)
+  if cpu_kernels_on(cfg):
+    return cpu_kernels.log_softmax(logits_BxV), state
+  return jax.nn.log_softmax(logits_BxV, axis=-1), state

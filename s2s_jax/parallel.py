@@ -1,6 +1,6 @@
 """Many devices and many hosts: meshes, shardings, the pmap strategy, multi-host helpers.
 
-Two strategies (parallel.strategy), both training exactly like one device (up to the order
+Three strategies (parallel.strategy), all training exactly like one device (up to the order
 of float sums):
 
   mesh  jit over a `Mesh` with axes (data, model). The batch is split by rows over `data`
@@ -14,6 +14,10 @@ of float sums):
         of the paper's loss, (its NLL sum) / (sentences in the GLOBAL batch); the gradients
         and metrics are psum-ed, so all-padding rows on one device change nothing. The train
         state enters and leaves replicated (in_axes=None), like under `mesh`.
+  layers the paper's layout: LSTM layer l on device l, the softmax split over parallel.model
+        more devices, the layers run as a wavefront over time; a `data` axis on top when
+        there are more devices (s2s_jax/wavefront.py). The parameters are held stacked
+        along the layers in memory; `to_checkpoint` / `from_checkpoint` convert.
 
 Multi-host: `initialize` starts `jax.distributed`; every process builds the same global
 batch from the same seeded iterator and hands only its own rows to the devices
@@ -35,20 +39,22 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from s2s_jax import model
-from s2s_jax.config import ConfigError, ModelConfig, ParallelConfig
+from s2s_jax.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
 from s2s_jax.data.vocab import PAD_ID
 
 DATA = "data"  # mesh axis (and pmap axis name) over which the batch is split
 MODEL = "model"  # mesh axis over which the target vocabulary is split
-STRATEGIES = ("mesh", "pmap")
+STRATEGIES = ("mesh", "pmap", "layers")
 Pytree = Any
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """How a run uses its devices: the strategy and its mesh ((data, model), or (data,) for pmap)."""
+  """How a run uses its devices: the strategy and its mesh ((data, model), (data,) for pmap,
+  (data, stage) for layers)."""
   strategy: str
   mesh: Mesh
+  layers: int = 0  # strategy=layers: LSTM stages (the stage axis: these, then the softmax)
 
   @property
   def data_size(self) -> int:
@@ -56,6 +62,9 @@ class Layout:
 
   @property
   def model_size(self) -> int:
+    """Devices sharing the softmax."""
+    if self.strategy == "layers":
+      return self.mesh.shape["stage"] - self.layers
     return self.mesh.shape.get(MODEL, 1)
 
 
@@ -130,14 +139,19 @@ def check_batch_size(name: str, batch_size: int, data: int, num_devices: int,
 
 
 def make_layout(cfg: ParallelConfig, batch_sizes: Mapping[str, int] | None = None,
-                devices: Sequence[jax.Device] | None = None) -> Layout:
+                devices: Sequence[jax.Device] | None = None,
+                num_layers: int | None = None) -> Layout:
   """The layout for `cfg` on `devices` (default: all), checking that every global batch in
-  `batch_sizes` ({"train.batch_size": 128, ...}) divides by the data-parallel size."""
+  `batch_sizes` ({"train.batch_size": 128, ...}) divides by the data-parallel size.
+  `num_layers` (model.num_layers) is needed by strategy=layers only."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if cfg.strategy not in STRATEGIES:
     raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, "
                       f"got {cfg.strategy!r}")
+  if cfg.strategy == "layers":
+    from s2s_jax import wavefront
+    return wavefront.make_layout(cfg, num_layers, batch_sizes, devices)
   if cfg.model < 1:
     raise ConfigError(f"parallel.model must be >= 1, got {cfg.model}")
   if cfg.strategy == "pmap" and cfg.model != 1:
@@ -190,7 +204,11 @@ def _softmax_leaf(path: tuple) -> str | None:
 
 def state_shardings(layout: Layout, state: Pytree) -> Pytree:
   """A NamedSharding per leaf of a train state (or params): replicated, except the softmax
-  split along the vocabulary over `model` when model_size > 1."""
+  split along the vocabulary over `model` when model_size > 1 (strategy=layers: see
+  wavefront.state_shardings)."""
+  if layout.strategy == "layers":
+    from s2s_jax import wavefront
+    return wavefront.state_shardings(layout, state)
   m = layout.model_size
 
   def sharding(path, leaf):
@@ -218,8 +236,35 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
 
 
 def place_state(layout: Layout, state: Pytree) -> Pytree:
-  """The train state (or params) on the layout's devices, with `state_shardings`."""
+  """The train state (or params), canonical as train.init_state makes it, on the layout's
+  devices, with `state_shardings` (strategy=layers: first converted to its stacked form)."""
+  if layout.strategy == "layers":
+    from s2s_jax import wavefront
+    return wavefront.place_state(layout, state)
   return jax.tree_util.tree_map(_put, state, state_shardings(layout, state))
+
+
+def to_checkpoint(layout: Layout, state: Pytree) -> Pytree:
+  """A placed state in the canonical form checkpoints hold (the state itself, except under
+  strategy=layers)."""
+  if layout.strategy == "layers":
+    from s2s_jax import wavefront
+    return wavefront.canonical_state(layout, state)
+  return state
+
+
+def from_checkpoint(layout: Layout, state: Pytree) -> Pytree:
+  """A canonical state restored into `to_checkpoint`'s structure, back in the layout's form."""
+  if layout.strategy == "layers":
+    return place_state(layout, state)
+  return state
+
+
+def check_optimizer(layout: Layout, cfg: OptimConfig) -> None:
+  """A clear error for an optimizer the layout cannot run exactly (strategy=layers only)."""
+  if layout.strategy == "layers":
+    from s2s_jax import wavefront
+    wavefront.check_optimizer(cfg)
 
 
 def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
@@ -331,6 +376,9 @@ def loss_and_reduce(layout: Layout) -> tuple[Callable, Callable | None]:
   """(loss_fn, reduce) for train.train_step under `layout` (reduce None = nothing to add up)."""
   if layout.strategy == "pmap":
     return pmap_loss_share, psum_data
+  if layout.strategy == "layers":
+    from s2s_jax import wavefront
+    return wavefront.loss(layout), None
   return mesh_loss(layout), None
 
 

@@ -33,6 +33,7 @@ from s2s_jax.data import sources
 from s2s_jax.data.vocab import PAD_ID
 
 METRICS_FILE = "metrics.jsonl"  # in the WORKDIR: one JSON object per line
+TENSORBOARD_DIR = "tensorboard"  # in the WORKDIR: TensorBoard event files of the same metrics
 
 TrainState = dict[str, Any]  # {"params", "opt_state", "step", "rng"}
 
@@ -82,13 +83,14 @@ def make_steps(cfg: Config, tx: optax.GradientTransformation,
   """Jitted (train_step, eval_step); the train state is donated.
 
   Without `layout`: plain jit on the default device. With one (`parallel.make_layout`): the
-  strategy it names (mesh or pmap) on its devices; the steps then take the state placed by
+  strategy it names (mesh, pmap or layers) on its devices; the steps then take the state placed by
   `parallel.place_state` and global host batches.
   """
   if layout is None:
     train = jax.jit(functools.partial(train_step, cfg=cfg.model, tx=tx), donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, cfg=cfg.model))
     return train, evaluate
+  parallel.check_optimizer(layout, cfg.optim)
   loss, reduce = parallel.loss_and_reduce(layout)
   return parallel.compile_steps(
       layout, functools.partial(train_step, cfg=cfg.model, tx=tx, loss_fn=loss, reduce=reduce),
@@ -115,17 +117,40 @@ def count_words(batch: dict[str, np.ndarray]) -> int:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
+  """Appends one JSON object per line to WORKDIR/metrics.jsonl and writes the same numbers as
+  TensorBoard scalars (tag "<kind>/<field>") to event files in WORKDIR/tensorboard.
 
-  def __init__(self, workdir: str, active: bool = True):
+  `resume_step`: the restored checkpoint's step (None: a fresh start). TensorBoard then hides
+  every event logged after it by an earlier, interrupted run (its purge_step), as
+  `workdir.rewind_metrics` drops those lines from metrics.jsonl.
+  """
+
+  def __init__(self, workdir: str, active: bool = True, resume_step: int | None = None):
     self.path = os.path.join(workdir, METRICS_FILE)
+    self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
     self.active = active  # False on every process but the first of a multi-host run
+    self._purge_step = 0 if resume_step is None else resume_step + 1
+    self._tb = None
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.active:
       return
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
+    if self._tb is None:
+      import tensorboardX
+      self._tb = tensorboardX.SummaryWriter(self.tensorboard_dir, purge_step=self._purge_step,
+                                            flush_secs=30)
+    kind = record.get("kind", "metrics")
+    for key, value in record.items():
+      if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        self._tb.add_scalar(f"{kind}/{key}", value, int(record["step"]))
+    self._tb.flush()  # records come every train.log_every steps: cheap, and nothing is lost
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
 
 class StopSignal:
@@ -210,12 +235,26 @@ def resolve_compute_dtype(cfg: Config, workdir: str) -> Config:
   return config_lib.override(cfg, {"model.compute_dtype": dtype})
 
 
+def host_rows(layout: parallel.Layout, batch_size: int) -> slice:
+  """The rows of a global batch that this process's devices get (all of them on one host):
+  the batch iterators read only those sentences from the corpus."""
+  if jax.process_count() == 1:
+    return slice(None)
+  if layout.strategy == "pmap":
+    n = layout.data_size
+    mine = [i for i, d in enumerate(layout.mesh.devices.flat)
+            if d.process_index == jax.process_index()]
+    return slice(mine[0] * batch_size // n, (mine[-1] + 1) * batch_size // n)
+  return parallel.process_rows(parallel.batch_sharding(layout.mesh), (batch_size, 1))
+
+
 def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`. Returns the final metrics."""
   parallel.initialize(cfg.parallel)  # multi-host: before anything touches a device
   cfg = resolve_compute_dtype(cfg, workdir)
   layout = parallel.make_layout(cfg.parallel, {"train.batch_size": cfg.train.batch_size,
-                                               "train.eval_batch_size": cfg.train.eval_batch_size})
+                                               "train.eval_batch_size": cfg.train.eval_batch_size},
+                                num_layers=cfg.model.num_layers)
   main_process = parallel.is_main_process()
   if not main_process:  # logging, progress bar and metrics on process 0 only
     logging.getLogger().setLevel(logging.WARNING)
@@ -225,14 +264,18 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
   # Process 0 writes the WORKDIR files first; the others then read what it wrote.
   # check_config refuses a config that differs from the saved one.
   parallel.main_process_first(lambda: workdir_lib.check_config(cfg, workdir))
-  corpus = parallel.main_process_first(lambda: pipeline.load_corpus(cfg.data, workdir))
+  corpus = parallel.main_process_first(
+      lambda: pipeline.load_corpus(cfg.data, workdir, progress=progress))
   batches = pipeline.BatchIterator(corpus.examples["train"], cfg.train.batch_size,
-                                   cfg.data.bucket_width, cfg.train.seed, cfg.data.bucket_growth)
+                                   cfg.data.bucket_width, cfg.train.seed, cfg.data.bucket_growth,
+                                   rows=host_rows(layout, cfg.train.batch_size))
   valid = corpus.examples["valid"]
   if cfg.data.max_eval_sentences > 0:
     valid = valid[:cfg.data.max_eval_sentences]
+  valid_rows = host_rows(layout, cfg.train.eval_batch_size)
   valid_batches = lambda: pipeline.eval_batches(valid, cfg.train.eval_batch_size,
-                                                cfg.data.bucket_width, cfg.data.bucket_growth)
+                                                cfg.data.bucket_width, cfg.data.bucket_growth,
+                                                valid_rows)
   steps_per_epoch = batches.batches_per_epoch
   num_steps = total_steps(cfg, steps_per_epoch)
 
@@ -241,13 +284,18 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
   state = parallel.place_state(layout, init_state(cfg, tx, len(corpus.src_vocab),
                                                   len(corpus.tgt_vocab)))
   logging.info("model: %d parameters; vocab %d source, %d target; %d steps (%.2f epochs of %d)",
-               model.num_params(state["params"]), len(corpus.src_vocab), len(corpus.tgt_vocab),
+               model.num_params(jax.eval_shape(lambda s: parallel.to_checkpoint(layout, s),
+                                               state)["params"]),
+               len(corpus.src_vocab), len(corpus.tgt_vocab),
                num_steps, num_steps / steps_per_epoch, steps_per_epoch)
 
   mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
-  restored = checkpoint.restore_newest(mngr, state)  # falls back past corrupted checkpoints
+  # Falls back past corrupted checkpoints. Checkpoints hold the canonical state
+  # (parallel.to_checkpoint), whatever the layout.
+  restored = checkpoint.restore_newest(mngr, parallel.to_checkpoint(layout, state))
   if restored is not None:
     state, data_state, latest = restored
+    state = parallel.from_checkpoint(layout, state)
     try:
       batches.restore(data_state)
     except ValueError as e:  # the corpus is not the one the checkpoint was trained on
@@ -258,8 +306,9 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
                  batches.epoch, batches.index)
 
   train_fn, eval_fn = make_steps(cfg, tx, layout)
-  writer = MetricsWriter(workdir, active=main_process)
   step = start_step = int(state["step"])
+  writer = MetricsWriter(workdir, active=main_process,
+                         resume_step=step if restored is not None else None)
   result: dict[str, Any] = {"step": step}
   # Records past the restored step describe lost work: drop them, as if never interrupted.
   kept = parallel.main_process_first(
@@ -300,7 +349,7 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
     logging.info("step %d: valid_ppl %.3f", step, ppl)
 
   def save():
-    checkpoint.save(mngr, step, state, batches.state())
+    checkpoint.save(mngr, step, parallel.to_checkpoint(layout, state), batches.state())
 
   bar = None
   if progress:
@@ -316,6 +365,7 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
                     at_step, *position)
     if cfg.train.max_bad_steps > 0 and bad_streak >= cfg.train.max_bad_steps:
       mngr.wait_until_finished()
+      writer.close()
       if bar is not None:
         bar.close()
       raise FloatingPointError(f"{bad_streak} consecutive non-finite steps ending at step {at_step}; "
@@ -352,6 +402,7 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
     if mngr.latest_step() != step:
       save()
     mngr.wait_until_finished()
+  writer.close()
   if bar is not None:
     bar.close()
   if stop.received is not None:
@@ -449,10 +500,11 @@ CLI_ERRORS = (config_lib.ConfigError, sources.DataError, checkpoint.CheckpointEr
 
 
 def main(preset: Config, argv: Sequence[str], after: Callable[[Config, str], None] | None = None) -> int:
-  """Command line of the experiment presets: --workdir DIR and --section.field=value overrides."""
+  """Command line of the experiment presets: --workdir DIR and --section.field=value overrides;
+  --prepare_data prepares the corpus (and the WORKDIR's vocabularies) and stops."""
   setup_cli()
   try:
-    updates, extras = config_lib.parse_args(argv, extra_flags=("workdir",))
+    updates, extras = config_lib.parse_args(argv, extra_flags=("workdir", "prepare_data"))
     cfg = config_lib.override(preset, updates)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -462,6 +514,10 @@ def main(preset: Config, argv: Sequence[str], after: Callable[[Config, str], Non
     return 2
   workdir = extras["workdir"]
   try:
+    if extras.get("prepare_data", "false").lower() in ("true", "1", "yes"):
+      corpus = pipeline.load_corpus(cfg.data, workdir, progress=True)
+      print(json.dumps({"prepared": corpus.prepared.folder, "stats": corpus.stats}))
+      return 0
     result = train(cfg, workdir)
     if after is not None and not result.get("interrupted"):
       after(cfg, workdir)

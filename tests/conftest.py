@@ -20,6 +20,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+# Prepared corpora (s2s_jax.data.prepared) go to a data store of the session, never ~/.cache.
+if "S2S_JAX_DATA" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _store = tempfile.mkdtemp(prefix="s2s_jax_test_data_")
+  atexit.register(shutil.rmtree, _store, ignore_errors=True)
+  os.environ["S2S_JAX_DATA"] = _store
+
 import pytest  # noqa: E402
 
 

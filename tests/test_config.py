@@ -51,3 +51,16 @@ def test_paper_preset_is_the_paper():
   assert (cfg.optim.name, cfg.optim.learning_rate, cfg.optim.clip_norm) == ("sgd", 0.7, 5.0)
   assert (cfg.train.batch_size, cfg.train.num_epochs) == (128, 7.5)
   assert (cfg.optim.decay_start_epoch, cfg.optim.decay_every_epochs) == (5.0, 0.5)
+
+
+def test_quickstart_summary_says_what_was_trained_how_good_and_where_the_plots_are():
+  import collections
+  import jax.numpy as jnp
+  Loaded = collections.namedtuple("Loaded", "cfg params steps")
+  params = {"w": jnp.zeros((1000, 1500))}
+  text = quickstart.summary(Loaded(quickstart.config(), params, [3190]),
+                            {"bleu": 20.971, "perplexity": 4.916, "sentences": 500}, "runs/q")
+  assert "2-layer LSTM encoder-decoder (256 cells a layer, 1.5M parameters) for 3,190 steps" in text
+  assert "100,000 English->French sentence pairs" in text and "source read reversed" in text
+  assert "test BLEU 21.0 on 500 held-out sentences" in text and "among 5 equally likely" in text
+  assert "runs/q/curves.png" in text and "runs/q/pca.png" in text

@@ -170,28 +170,29 @@ def test_oov_rates_are_returned_per_split(tmp_path):
   assert c.stats["test"]["tgt_tokens"] == 1
 
 
-def test_workdir_keeps_vocabularies_and_a_tokenization_cache_that_follows_the_text(tmp_path,
-                                                                                   caplog):
+def test_prepared_corpus_is_made_once_shared_by_workdirs_and_follows_the_text(tmp_path, caplog):
   pairs = [("Hello, world!", "Bonjour, le monde !"), ("It's late.", "Il est tard.")]
   folder = write_corpus(tmp_path / "c", {"train": pairs, "valid": pairs[:1], "test": pairs[1:]})
   wd = str(tmp_path / "wd")
-  cfg = text_cfg(folder, tokenizer="moses")
+  cfg = text_cfg(folder, tokenizer="moses", prepared_dir=str(tmp_path / "store"))
   first = pipeline.load_corpus(cfg, wd)
   assert os.path.exists(os.path.join(wd, pipeline.SRC_VOCAB_FILE))
-  assert os.path.exists(os.path.join(wd, pipeline.TOKEN_CACHE_DIR, "train.src"))
+  assert len(os.listdir(tmp_path / "store")) == 1  # one prepared corpus, no leftovers
+  caplog.clear()
   with caplog.at_level(logging.INFO):
     second = pipeline.load_corpus(cfg, wd)
-  assert "tokenized pairs read from" in caplog.text and "vocabularies reloaded" in caplog.text
-  assert second.tokens == first.tokens and second.examples == first.examples
+    other = pipeline.load_corpus(cfg, str(tmp_path / "wd2"))  # another WORKDIR: same corpus
+  assert caplog.text.count("prepared corpus") == 2 and "prepared 4 pairs" not in caplog.text
+  assert "vocabularies reloaded" in caplog.text
+  assert second.tokens == first.tokens and second.examples == first.examples == other.examples
   assert second.src_vocab.tokens == first.src_vocab.tokens == pipeline.load_vocabs(wd)[0].tokens
-  # edited text: the cache no longer matches and that split is tokenized again
+  # edited text: another key, prepared again
   write_corpus(tmp_path / "c", {"train": [("Hello, there!", "Salut !")] + pairs[1:]})
   caplog.clear()
   with caplog.at_level(logging.INFO):
     third = pipeline.load_corpus(cfg, wd)
-  assert "data train: tokenized 2 pairs" in caplog.text
+  assert "prepared 4 pairs" in caplog.text and len(os.listdir(tmp_path / "store")) == 2
   assert third.tokens["train"][0] == (["Hello", ",", "there", "!"], ["Salut", "!"])
-  assert third.tokens == pipeline.load_corpus(cfg, None).tokens  # cache == fresh tokenization
   with pytest.raises(DataError, match="fresh WORKDIR"):
     pipeline.load_corpus(text_cfg(folder, tokenizer="moses", src_vocab_size=1), wd)
 

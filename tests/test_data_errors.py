@@ -39,7 +39,8 @@ def test_line_count_mismatch_names_both_files_and_counts(tmp_path):
 
 
 def test_invalid_utf8_names_file_and_line(tmp_path):
-  folder = write(tmp_path, good_files(**{"train.fr": b"ok\nfine\ncaf\xe9 au lait\n"}))
+  folder = write(tmp_path, good_files(**{"train.en": "a\nb\nc\n",
+                                         "train.fr": b"ok\nfine\ncaf\xe9 au lait\n"}))
   msg = load_error(folder)
   assert msg.startswith(f"{folder}/train.fr: line 3: invalid UTF-8") and "byte 4" in msg
 

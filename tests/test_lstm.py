@@ -18,23 +18,6 @@ def reference_cell(p, x, h, c):
   return sig(o) * np.tanh(c), c
 
 
-def test_gate_activations_match_sigmoid_and_tanh():
-  """The one-pass activations (sigmoid as tanh(z/2)/2 + 1/2) against the textbook formulas."""
-  h = 8
-  z = np.linspace(-40.0, 40.0, 4 * 4 * h * 25, dtype=np.float32).reshape(100, 4 * h)
-  w_h = jnp.zeros((h, 4 * h))
-  c0 = np.linspace(-2.0, 2.0, 100 * h, dtype=np.float32).reshape(100, h)
-  h1, c1, gates = lstm._cell_gates(w_h, jnp.asarray(z), jnp.zeros((100, h)), jnp.asarray(c0), None)
-  z64 = z.astype(np.float64)
-  sig = 1.0 / (1.0 + np.exp(-z64))
-  want = np.concatenate([sig[:, :2 * h], np.tanh(z64[:, 2 * h:3 * h]), sig[:, 3 * h:]], axis=1)
-  np.testing.assert_allclose(gates, want, rtol=0, atol=3e-7)
-  i, f, g, o = np.split(want, 4, axis=1)
-  c_want = f * c0 + i * g
-  np.testing.assert_allclose(c1, c_want, rtol=0, atol=1e-6)
-  np.testing.assert_allclose(h1, o * np.tanh(c_want), rtol=0, atol=1e-6)
-
-
 @pytest.mark.parametrize("num_layers", [1, 4])
 def test_scan_stack_equals_python_loop(num_layers):
   b, t, i, h = 3, 7, 5, 6

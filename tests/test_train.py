@@ -30,6 +30,25 @@ def valid_ppls(workdir):
   return [r["valid_ppl"] for r in recs if r.get("kind") == "valid"], recs
 
 
+def tensorboard_scalars(workdir):
+  """{tag: [(step, value)]} from the event files (TFRecord framing: length, crc, data, crc)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = {}
+  folder = os.path.join(workdir, train.TENSORBOARD_DIR)
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
 def final_params(workdir):
   _, params, _, _, step = checkpoint.load_model(workdir)
   return jax.device_get(params), step
@@ -48,6 +67,12 @@ def test_training_halves_validation_perplexity(toy_corpus, tmp_path):
   for key in ("train_ppl", "lr", "grad_norm", "words_per_s"):
     assert all(np.isfinite(r[key]) for r in train_lines)
   assert train_lines[0]["lr"] == np.float32(0.7)
+  scalars = tensorboard_scalars(str(tmp_path))  # TensorBoard holds the same numbers
+  assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in train_lines]
+  np.testing.assert_allclose([v for _, v in scalars["train/loss"]],
+                             [r["loss"] for r in train_lines], rtol=1e-6)
+  assert [(s, pytest.approx(v, rel=1e-6)) for s, v in scalars["valid/valid_ppl"]] == \
+      list(zip([0, 150, 300], ppls))
 
 
 def test_interrupted_run_resumes_to_identical_parameters(toy_corpus, tmp_path):

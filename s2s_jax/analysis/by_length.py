@@ -34,7 +34,6 @@ import numpy as np
 from s2s_jax import bleu
 from s2s_jax import translate
 from s2s_jax.analysis import common
-from s2s_jax.data import sources
 from s2s_jax.data.vocab import SPECIALS, Vocab
 
 
@@ -191,9 +190,9 @@ def summary(result: dict[str, Any]) -> str:
 def _ranks(mode: str, m: translate.Loaded) -> dict[str, int]:
   if mode == "vocab":
     return vocab_ranks(m.src_vocab)
-  tok = translate.tokenizer(m, "src")
-  train = sources.load_pairs(m.cfg.data)["train"]
-  return word_ranks(tok(s) for s, _ in train)
+  from s2s_jax.data import pipeline
+  corpus = pipeline.load_corpus(m.cfg.data, m.workdir)  # the prepared store: counts, no text
+  return corpus.prepared.word_ranks(0)
 
 
 def _parse_edges(text: str | None) -> list[int] | None:

@@ -1,9 +1,11 @@
-"""From raw sentence pairs to padded, length-bucketed batches of ids.
+"""From a corpus to padded, length-bucketed batches of ids.
 
-Flow: sources.load_pairs (raw text per split) -> tokenize (cached in the WORKDIR) -> filter
--> vocabularies (built on train, saved in the WORKDIR) -> ids (source reversed when asked,
-</s> appended to the target) -> `BatchIterator` (training, seeded and resumable) or
-`eval_batches` (fixed order).
+Flow: sources.open_streams (raw text per split, read in chunks) -> prepared.prepare (tokenized
+once, in parallel, into memory-mapped token ids in the shared data store) -> filter ->
+vocabularies (built on train, saved in the WORKDIR) -> `Examples` (ids on demand: source
+reversed when asked, </s> appended to the target) -> `BatchIterator` (training, seeded and
+resumable) or `eval_batches` (fixed order). Batching takes `Examples` or plain lists of
+`Example`s and gives the same batches for both.
 
 Filtering: a pair with an empty side (after tokenization) is dropped from every split; a
 training pair with more than `max_len` tokens on either side (</s> not counted) is dropped
@@ -26,45 +28,30 @@ log(max length) / log(1 + growth)). Source and target share the batch's length.
 from __future__ import annotations
 
 import bisect
+import collections.abc
 import dataclasses
-import hashlib
 import logging
 import math
 import os
+import shutil
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from s2s_jax.config import DataConfig
+from s2s_jax.data import prepared as prepared_lib
 from s2s_jax.data import sources
 from s2s_jax.data import tokenize
 from s2s_jax.data.sources import DataError
-from s2s_jax.data.vocab import EOS_ID, PAD_ID, Vocab
+from s2s_jax.data.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 SRC_VOCAB_FILE = "vocab.src.txt"
 TGT_VOCAB_FILE = "vocab.tgt.txt"
-TOKEN_CACHE_DIR = "tokenized"  # WORKDIR/tokenized/<split>.{src,tgt,key}: tokenized splits
-CACHE_VERSION = "1"  # bump when tokenization changes in a way the cache key does not see
 DEFAULT_GROWTH = DataConfig.bucket_growth
 
 Example = tuple[list[int], list[int]]  # (source ids in encoder order, target ids ending in </s>)
 TokenPair = tuple[list[str], list[str]]
-
-
-@dataclasses.dataclass
-class Corpus:
-  """Tokenized, filtered and encoded splits plus the vocabularies.
-
-  `stats[split]` holds the counts of `load_corpus`: pairs (read), kept, empty (dropped with
-  an empty side), too_long (dropped, train only), src_tokens / tgt_tokens (kept, no </s>),
-  src_oov / tgt_oov (share of those tokens that became <unk>).
-  """
-  src_vocab: Vocab
-  tgt_vocab: Vocab
-  examples: dict[str, list[Example]]  # split -> examples
-  tokens: dict[str, list[TokenPair]]  # split -> kept token pairs (for analyses)
-  stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def encode_pair(src_toks: Sequence[str], tgt_toks: Sequence[str], src_vocab: Vocab,
@@ -84,113 +71,6 @@ def load_vocabs(workdir: str) -> tuple[Vocab, Vocab]:
           Vocab.load(os.path.join(workdir, TGT_VOCAB_FILE)))
 
 
-# ----------------------------------------------------------------------------- tokenization
-
-
-def prepare_tokenizers(cfg: DataConfig, workdir: str | None,
-                       raw: dict[str, list[tuple[str, str]]] | None = None
-                       ) -> tuple[Callable[[str], list[str]], Callable[[str], list[str]]]:
-  """(source, target) tokenizers. For sentencepiece, trains the model(s) on the raw training
-  split into the WORKDIR first when they are not there yet."""
-  if cfg.tokenizer == "sentencepiece":
-    if not workdir:
-      raise DataError("data.tokenizer=sentencepiece needs a WORKDIR to keep its model in")
-    os.makedirs(workdir, exist_ok=True)
-    for lang in dict.fromkeys((cfg.src_lang, cfg.tgt_lang)):
-      path = tokenize.spm_model_path(workdir, lang)
-      if os.path.exists(path):
-        continue
-      if raw is None:
-        raise DataError(f"{path}: SentencePiece model not found")
-      text = [s for s, _ in raw["train"]] if lang == cfg.src_lang else []
-      text += [t for _, t in raw["train"]] if lang == cfg.tgt_lang else []
-      t0 = time.perf_counter()
-      size = tokenize.train_sentencepiece(text, cfg.spm_vocab_size, path)
-      logging.info("data: SentencePiece model for %s: %d pieces (asked %d), trained on %d "
-                   "sentences in %.1f s, saved to %s", lang, size, cfg.spm_vocab_size,
-                   len(text), time.perf_counter() - t0, path)
-  return (tokenize.tokenizer(cfg.tokenizer, cfg.src_lang, workdir),
-          tokenize.tokenizer(cfg.tokenizer, cfg.tgt_lang, workdir))
-
-
-def _cache_key(cfg: DataConfig, workdir: str, pairs: Sequence[tuple[str, str]]) -> str:
-  """Changes whenever the tokens could: the raw text, the tokenizer, its model, the languages."""
-  h = hashlib.sha256()
-  parts = [CACHE_VERSION, cfg.tokenizer, cfg.src_lang, cfg.tgt_lang]
-  if cfg.tokenizer == "moses":
-    import sacremoses
-    parts.append(getattr(sacremoses, "__version__", "?"))
-  if cfg.tokenizer == "sentencepiece":
-    for lang in (cfg.src_lang, cfg.tgt_lang):
-      with open(tokenize.spm_model_path(workdir, lang), "rb") as f:
-        parts.append(hashlib.sha256(f.read()).hexdigest())
-  h.update("\t".join(parts).encode())
-  for side in (0, 1):  # the sentences and their lengths (a sentence may hold a newline)
-    h.update(np.fromiter((len(p[side]) for p in pairs), np.int64, len(pairs)).tobytes())
-    h.update("\n".join(p[side] for p in pairs).encode())
-  return f"{h.hexdigest()} {len(pairs)}"
-
-
-def _read_cache(base: str, key: str, n: int) -> list[TokenPair] | None:
-  try:
-    with open(base + ".key", encoding="utf-8") as f:
-      if f.read().strip() != key:
-        return None
-    sides = []
-    for side in ("src", "tgt"):
-      with open(f"{base}.{side}", encoding="utf-8", newline="") as f:
-        lines = f.read().split("\n")
-      if lines[-1] == "":
-        lines.pop()
-      sides.append([line.split() for line in lines])
-  except (OSError, UnicodeDecodeError):
-    return None
-  if len(sides[0]) != n or len(sides[1]) != n:
-    return None
-  return list(zip(*sides))
-
-
-def _write_cache(base: str, key: str, tokens: Sequence[TokenPair]) -> bool:
-  """Writes the tokens (space-joined, a line each); False when a token holds whitespace."""
-  texts = []
-  for side in (0, 1):
-    lines = [" ".join(pair[side]) for pair in tokens]
-    if any(line.split() != pair[side] for line, pair in zip(lines, tokens)):
-      return False
-    texts.append("".join(line + "\n" for line in lines))
-  os.makedirs(os.path.dirname(base), exist_ok=True)
-  if os.path.exists(base + ".key"):
-    os.remove(base + ".key")
-  for side, text in zip(("src", "tgt"), texts):
-    with open(f"{base}.{side}.tmp", "w", encoding="utf-8", newline="") as f:
-      f.write(text)
-    os.replace(f"{base}.{side}.tmp", f"{base}.{side}")
-  with open(base + ".key.tmp", "w", encoding="utf-8") as f:
-    f.write(key + "\n")
-  os.replace(base + ".key.tmp", base + ".key")  # last: the cache is valid only once complete
-  return True
-
-
-def tokenize_split(cfg: DataConfig, workdir: str | None, split: str,
-                   pairs: Sequence[tuple[str, str]], tok_src: Callable[[str], list[str]],
-                   tok_tgt: Callable[[str], list[str]]) -> list[TokenPair]:
-  """Token pairs of one split, read from WORKDIR/tokenized when the cache matches the text."""
-  t0 = time.perf_counter()
-  base = os.path.join(workdir, TOKEN_CACHE_DIR, split) if workdir else ""
-  key = _cache_key(cfg, workdir, pairs) if workdir else ""
-  if base:
-    cached = _read_cache(base, key, len(pairs))
-    if cached is not None:
-      logging.info("data %s: %d tokenized pairs read from %s.* in %.1f s", split, len(cached),
-                   base, time.perf_counter() - t0)
-      return cached
-  tokens = [(tok_src(s), tok_tgt(t)) for s, t in pairs]
-  cached = bool(base) and _write_cache(base, key, tokens)
-  logging.info("data %s: tokenized %d pairs (%s) in %.1f s%s", split, len(pairs), cfg.tokenizer,
-               time.perf_counter() - t0, f", cached in {base}.*" if cached else "")
-  return tokens
-
-
 # ----------------------------------------------------------------------------- the corpus
 
 
@@ -199,23 +79,150 @@ def within_length(src: Sequence[str], tgt: Sequence[str], max_len: int | None) -
   return max_len is None or (len(src) <= max_len and len(tgt) <= max_len)
 
 
-def filter_pairs(tokens: Sequence[TokenPair],
-                 max_len: int | None) -> tuple[list[TokenPair], int, int]:
-  """(kept pairs, #dropped with an empty side, #dropped longer than max_len); None: no limit."""
-  kept, empty, long = [], 0, 0
-  for st, tt in tokens:
-    if not st or not tt:
-      empty += 1
-    elif not within_length(st, tt, max_len):
-      long += 1
-    else:
-      kept.append((st, tt))
-  return kept, empty, long
+class _Rows(collections.abc.Sequence):
+  """A read-only sequence over some rows of a prepared split; equal to any sequence (a list,
+  say) with the same items."""
+  rows: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __eq__(self, other) -> bool:
+    if not isinstance(other, collections.abc.Sequence):
+      return NotImplemented
+    return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+  __hash__ = None
 
 
-def build_or_load_vocabs(cfg: DataConfig, workdir: str | None,
-                         train: Sequence[TokenPair]) -> tuple[Vocab, Vocab]:
-  """The WORKDIR's vocabularies if it has them, else new ones from `train` (saved there)."""
+class Examples(_Rows):
+  """The encoded examples of one split, read from the memory-mapped prepared corpus on demand.
+
+  examples[i] is the `Example` (source ids in encoder order, target ids ending in </s>) of
+  the i-th kept pair; `lengths` and `batch` give the batching code what it needs without
+  building a Python list per sentence.
+  """
+
+  def __init__(self, split: prepared_lib.SplitIds, rows: np.ndarray,
+               lookups: tuple[np.ndarray, np.ndarray], reverse_source: bool):
+    self.split, self.rows, self.lookups = split, rows, lookups
+    self.reverse_source = reverse_source
+    self.src_lengths = np.diff(split.offsets[0])[rows].astype(np.int32)
+    self.tgt_lengths = np.diff(split.offsets[1])[rows].astype(np.int32) + 1  # with </s>
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return Examples(self.split, self.rows[i], self.lookups, self.reverse_source)
+    src, tgt = self.arrays(int(self.rows[i]))
+    return src.tolist(), tgt.tolist() + [EOS_ID]
+
+  def arrays(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """(encoder input ids, target ids without </s>) of corpus row `row`."""
+    src = self.lookups[0][self.split.sentence(0, row)]
+    return (src[::-1] if self.reverse_source else src), self.lookups[1][self.split.sentence(1, row)]
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """`example_length` of every example."""
+    return np.maximum(self.src_lengths, self.tgt_lengths).astype(np.int64)
+
+  def num_tokens(self, idx: np.ndarray) -> int:
+    """Source plus target positions (</s> included) of the examples `idx`."""
+    return int(self.src_lengths[idx].sum()) + int(self.tgt_lengths[idx].sum())
+
+  def batch(self, idx: Sequence[int], batch_size: int, length: int,
+            rows: slice = slice(None)) -> dict[str, np.ndarray]:
+    """`make_batch` of the examples `idx`, filling only the batch rows `rows` (the others stay
+    padding: a host reads only the sentences of the rows its devices get)."""
+    src = np.full((batch_size, length), PAD_ID, np.int32)
+    tgt = np.full((batch_size, length), PAD_ID, np.int32)
+    lo, hi, _ = rows.indices(batch_size)
+    for r in range(lo, min(hi, len(idx))):
+      s, t = self.arrays(int(self.rows[idx[r]]))
+      src[r, :len(s)] = s
+      tgt[r, :len(t)] = t
+      tgt[r, len(t)] = EOS_ID
+    return {"src": src, "tgt": tgt}
+
+
+class TokenPairs(_Rows):
+  """The kept token pairs of one split, as lists of strings, read on demand (for analyses)."""
+
+  def __init__(self, split: prepared_lib.SplitIds, rows: np.ndarray,
+               tables: tuple[list[str], list[str]]):
+    self.split, self.rows, self.tables = split, rows, tables
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    row = int(self.rows[i])
+    return tuple([self.tables[k][j] for j in self.split.sentence(k, row).tolist()] for k in (0, 1))
+
+
+@dataclasses.dataclass
+class Corpus:
+  """The prepared splits (memory-mapped ids), the vocabularies and the examples per split.
+
+  `stats[split]` holds the counts of `load_corpus`: pairs (read), kept, empty (dropped with
+  an empty side), too_long (dropped, train only), src_tokens / tgt_tokens (kept, no </s>),
+  src_oov / tgt_oov (share of those tokens that became <unk>).
+  """
+  src_vocab: Vocab
+  tgt_vocab: Vocab
+  examples: dict[str, Examples]  # split -> examples
+  tokens: dict[str, TokenPairs]  # split -> kept token pairs (read on demand)
+  stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+  prepared: prepared_lib.Prepared | None = None
+
+
+def kept_rows(split: prepared_lib.SplitIds,
+              max_len: int | None) -> tuple[np.ndarray, np.ndarray, int, int]:
+  """(kept row indices, dropped row indices, #dropped with an empty side, #dropped longer
+  than max_len)."""
+  ls, lt = split.lengths(0), split.lengths(1)
+  nonempty = (ls > 0) & (lt > 0)
+  keep = nonempty if max_len is None else nonempty & (ls <= max_len) & (lt <= max_len)
+  empty = int(len(ls) - nonempty.sum())
+  return np.flatnonzero(keep), np.flatnonzero(~keep), empty, int(nonempty.sum() - keep.sum())
+
+
+def _spm_models(cfg: DataConfig, workdir: str | None, streams: dict[str, sources.Stream],
+                text_identity: str) -> str | None:
+  """The folder with the SentencePiece models (the WORKDIR), training them there first when
+  they are missing (from an even sample of the training split, cached in the data store)."""
+  if cfg.tokenizer != "sentencepiece":
+    return None
+  if not workdir:
+    raise DataError("data.tokenizer=sentencepiece needs a WORKDIR to keep its model in")
+  os.makedirs(workdir, exist_ok=True)
+  langs = list(dict.fromkeys((cfg.src_lang, cfg.tgt_lang)))
+  if all(os.path.exists(tokenize.spm_model_path(workdir, lang)) for lang in langs):
+    return workdir
+  key = prepared_lib.corpus_key(text_identity, f"spm {cfg.spm_vocab_size} {' '.join(langs)}")
+  shared = os.path.join(prepared_lib.store_dir(cfg), f"spm-{key}")
+  os.makedirs(shared, exist_ok=True)
+  for lang in langs:
+    path = tokenize.spm_model_path(shared, lang)
+    if not os.path.exists(path):
+      sides = [k for k, l in enumerate((cfg.src_lang, cfg.tgt_lang)) if l == lang]
+      text = [t for k in sides for t in prepared_lib.sample_text(
+          streams["train"], k, tokenize.SPM_INPUT_SENTENCES // len(sides))]
+      t0 = time.perf_counter()
+      size = tokenize.train_sentencepiece(text, cfg.spm_vocab_size, path)
+      logging.info("data: SentencePiece model for %s: %d pieces (asked %d), trained on %d "
+                   "sentences in %.1f s, saved to %s", lang, size, cfg.spm_vocab_size,
+                   len(text), time.perf_counter() - t0, path)
+    target = tokenize.spm_model_path(workdir, lang)
+    if not os.path.exists(target):
+      shutil.copyfile(path, target + ".tmp")
+      os.replace(target + ".tmp", target)
+  return workdir
+
+
+def _vocabs(cfg: DataConfig, workdir: str | None, prep: prepared_lib.Prepared,
+            dropped: np.ndarray) -> tuple[Vocab, Vocab]:
+  """The WORKDIR's vocabularies if it has them, else new ones from the kept training pairs
+  (saved there for decoding)."""
   paths = [os.path.join(workdir, f) for f in (SRC_VOCAB_FILE, TGT_VOCAB_FILE)] if workdir else []
   if paths and all(os.path.exists(p) for p in paths):
     vocabs = load_vocabs(workdir)
@@ -227,8 +234,8 @@ def build_or_load_vocabs(cfg: DataConfig, workdir: str | None,
     logging.info("data: vocabularies reloaded from %s (%d source, %d target ids)", workdir,
                  len(vocabs[0]), len(vocabs[1]))
     return vocabs
-  src_vocab = Vocab.build((s for s, _ in train), cfg.src_vocab_size)
-  tgt_vocab = Vocab.build((t for _, t in train), cfg.tgt_vocab_size)
+  src_vocab = prep.vocab(0, cfg.src_vocab_size, dropped)
+  tgt_vocab = prep.vocab(1, cfg.tgt_vocab_size, dropped)
   if paths:
     os.makedirs(workdir, exist_ok=True)
     src_vocab.save(paths[0])
@@ -239,49 +246,53 @@ def build_or_load_vocabs(cfg: DataConfig, workdir: str | None,
   return src_vocab, tgt_vocab
 
 
-def load_corpus(cfg: DataConfig, workdir: str | None) -> Corpus:
-  """Loads every split; builds the vocabularies on train (or reloads them from `workdir`).
+def load_corpus(cfg: DataConfig, workdir: str | None, progress: bool = False) -> Corpus:
+  """Opens (preparing it once if needed) the corpus in the data store, and encodes it.
 
-  With a `workdir`, tokenized splits are cached in WORKDIR/tokenized (reused while the raw
-  text and tokenizer are unchanged), and the vocabularies (and SentencePiece models) are kept
-  there for decoding.
+  Vocabularies come from the WORKDIR when it has them, else from the kept training pairs
+  (and are saved there with any SentencePiece models, for decoding). `progress`: a progress
+  bar while preparing.
   """
   t0 = time.perf_counter()
-  raw = sources.load_pairs(cfg)
-  missing = [s for s in sources.SPLITS if s not in raw]
-  if missing:
-    raise DataError(f"data.source={cfg.source} gave no {', '.join(missing)} split")
-  tok_src, tok_tgt = prepare_tokenizers(cfg, workdir, raw)
-  tokens: dict[str, list[TokenPair]] = {}
-  stats: dict[str, dict[str, float]] = {}
-  for split, pairs in raw.items():
-    toks = tokenize_split(cfg, workdir, split, pairs, tok_src, tok_tgt)
+  streams, identity = sources.open_streams(cfg)
+  model_dir = _spm_models(cfg, workdir, streams, identity)
+  prep = prepared_lib.prepare(cfg, streams, identity, model_dir, progress)
+  rows, dropped, stats = {}, {}, {}
+  for split in sources.SPLITS:
+    ids = prep.splits[split]
     limit = cfg.max_len if split == "train" and cfg.max_len > 0 else None
-    kept, empty, long = filter_pairs(toks, limit)
+    kept, dropped[split], empty, long = kept_rows(ids, limit)
     logging.info("data %s: %d pairs read, %d kept; dropped %d with an empty side, %s", split,
-                 len(pairs), len(kept), empty,
+                 len(ids), len(kept), empty,
                  f"{long} with more than {limit} tokens on a side" if limit is not None
                  else "none for length (no length limit here)")
-    tokens[split] = kept
-    stats[split] = {"pairs": len(pairs), "kept": len(kept), "empty": empty, "too_long": long}
-  if not tokens["train"]:
+    rows[split] = kept
+    stats[split] = {"pairs": len(ids), "kept": len(kept), "empty": empty, "too_long": long}
+  train_dropped = dropped["train"]
+  if not len(rows["train"]):
     s = stats["train"]
     raise DataError(f"no training pairs left: {s['pairs']} read, {s['empty']} with an empty side, "
                     f"{s['too_long']} longer than data.max_len={cfg.max_len}")
-  src_vocab, tgt_vocab = build_or_load_vocabs(cfg, workdir, tokens["train"])
-  examples = {}
-  for split, pairs in tokens.items():
-    examples[split] = [encode_pair(s, t, src_vocab, tgt_vocab, cfg.reverse_source)
-                       for s, t in pairs]
+  vocabs = _vocabs(cfg, workdir, prep, train_dropped)
+  lookups = (prep.lookup(0, vocabs[0]), prep.lookup(1, vocabs[1]))
+  examples, tokens = {}, {}
+  for split, kept in rows.items():
+    ids = prep.splits[split]
+    examples[split] = Examples(ids, kept, lookups, cfg.reverse_source)
+    tokens[split] = TokenPairs(ids, kept, prep.tables)
     st = stats[split]
-    st["src_tokens"] = sum(len(s) for s, _ in pairs)
-    st["tgt_tokens"] = sum(len(t) for _, t in pairs)
-    st["src_oov"] = src_vocab.oov_rate(s for s, _ in pairs)
-    st["tgt_oov"] = tgt_vocab.oov_rate(t for _, t in pairs)
+    for k, side in enumerate(("src", "tgt")):
+      size = len(prep.tables[k])
+      if split == "train":
+        counts = prep.train_counts[k] - ids.dropped_counts(k, size, train_dropped)
+      else:
+        counts = ids.counts(k, size, dropped[split])
+      st[f"{side}_tokens"] = int(counts.sum())
+      st[f"{side}_oov"] = float(counts[lookups[k] == UNK_ID].sum()) / max(int(counts.sum()), 1)
     logging.info("data %s: %d source / %d target tokens, OOV rate source %.4f, target %.4f",
                  split, st["src_tokens"], st["tgt_tokens"], st["src_oov"], st["tgt_oov"])
   logging.info("data: corpus ready in %.1f s", time.perf_counter() - t0)
-  return Corpus(src_vocab, tgt_vocab, examples, tokens, stats)
+  return Corpus(vocabs[0], vocabs[1], examples, tokens, stats, prep)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -316,6 +327,12 @@ def example_length(ex: Example) -> int:
   return max(len(ex[0]), len(ex[1]))
 
 
+def example_lengths(examples: Sequence[Example]) -> np.ndarray:
+  if isinstance(examples, Examples):
+    return examples.lengths
+  return np.fromiter((example_length(e) for e in examples), np.int64, len(examples))
+
+
 def make_batch(examples: Sequence[Example], batch_size: int, length: int) -> dict[str, np.ndarray]:
   """A BxL batch; rows past len(examples) are all padding (they add nothing to the loss)."""
   src = np.full((batch_size, length), PAD_ID, np.int32)
@@ -324,6 +341,21 @@ def make_batch(examples: Sequence[Example], batch_size: int, length: int) -> dic
     src[i, :len(s)] = s
     tgt[i, :len(t)] = t
   return {"src": src, "tgt": tgt}
+
+
+def batch_of(examples: Sequence[Example], idx: Sequence[int], batch_size: int, length: int,
+             rows: slice = slice(None)) -> dict[str, np.ndarray]:
+  """The batch of examples `idx`; only the batch rows `rows` are filled (the rest is padding)."""
+  if isinstance(examples, Examples):
+    return examples.batch(idx, batch_size, length, rows)
+  lo, hi, _ = rows.indices(batch_size)
+  batch = make_batch([examples[i] for i in idx[lo:hi]], hi - lo, length)
+  if (lo, hi) == (0, batch_size):
+    return batch
+  full = {k: np.full((batch_size, length), PAD_ID, np.int32) for k in batch}
+  for k in batch:
+    full[k][lo:hi] = batch[k]
+  return full
 
 
 def bucketed_batches(examples: Sequence[Example], batch_size: int, bucket_width: int,
@@ -339,7 +371,7 @@ def bucketed_batches(examples: Sequence[Example], batch_size: int, bucket_width:
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if lengths is None:
-    lengths = np.fromiter((example_length(e) for e in examples), np.int64, len(examples))
+    lengths = example_lengths(examples)
   if rng is None:
     order = np.argsort(lengths, kind="stable")
   else:
@@ -357,7 +389,10 @@ def bucketed_batches(examples: Sequence[Example], batch_size: int, bucket_width:
 def padding_fraction(examples: Sequence[Example], batches: Sequence[tuple[int, Sequence[int]]],
                      batch_size: int) -> float:
   """Share of padded (src + tgt) positions in `batches`, empty rows included."""
-  real = sum(len(examples[i][0]) + len(examples[i][1]) for _, b in batches for i in b)
+  if isinstance(examples, Examples):
+    real = sum(examples.num_tokens(b) for _, b in batches)
+  else:
+    real = sum(len(examples[i][0]) + len(examples[i][1]) for _, b in batches for i in b)
   total = sum(2 * length * batch_size for length, _ in batches)
   return 1.0 - real / max(total, 1)
 
@@ -371,14 +406,13 @@ class BatchIterator:
   """
 
   def __init__(self, examples: Sequence[Example], batch_size: int, bucket_width: int, seed: int,
-               bucket_growth: float = DEFAULT_GROWTH):
-    if not examples:
+               bucket_growth: float = DEFAULT_GROWTH, rows: slice = slice(None)):
+    if not len(examples):
       raise ValueError("no training examples left after filtering")
-    self.examples = list(examples)
+    self.examples = examples if isinstance(examples, Examples) else list(examples)
     self.batch_size, self.bucket_width, self.seed = batch_size, bucket_width, seed
-    self.bucket_growth = bucket_growth
-    self._lengths = np.fromiter((example_length(e) for e in self.examples), np.int64,
-                                len(self.examples))
+    self.bucket_growth, self.rows = bucket_growth, rows  # rows: the batch rows this host fills
+    self._lengths = example_lengths(self.examples)
     self.epoch, self.index = 0, 0
     self._plan = self._epoch_plan(0)
     self.shapes = sorted({length for length, _ in self._plan})
@@ -422,13 +456,14 @@ class BatchIterator:
       self._plan = self._epoch_plan(self.epoch)
     length, idx = self._plan[self.index]
     self.index += 1
-    return make_batch([self.examples[i] for i in idx], self.batch_size, length)
+    return batch_of(self.examples, idx, self.batch_size, length, self.rows)
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, bucket_width: int,
-                 bucket_growth: float = DEFAULT_GROWTH) -> Iterator[dict[str, np.ndarray]]:
+                 bucket_growth: float = DEFAULT_GROWTH,
+                 rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
   """Every example once, in a fixed length-sorted order, padded to full batches."""
-  if not examples:
+  if not len(examples):
     return
   for length, idx in bucketed_batches(examples, batch_size, bucket_width, None, bucket_growth):
-    yield make_batch([examples[i] for i in idx], batch_size, length)
+    yield batch_of(examples, idx, batch_size, length, rows)

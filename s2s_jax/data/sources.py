@@ -11,8 +11,9 @@ for the splits train, valid and test (surrounding whitespace stripped, nothing e
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from s2s_jax.config import DataConfig
 
@@ -34,6 +35,59 @@ def load_pairs(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
     return read_text_corpus(cfg.path, cfg.src_lang, cfg.tgt_lang)
   if cfg.source == "tfds":
     return read_tfds(cfg)
+  raise DataError(f"data.source must be synthetic, text or tfds, got {cfg.source!r}")
+
+
+# ----------------------------------------------------------------------------- streaming
+
+Chunk = list[tuple[str, str]]
+
+
+class Stream:
+  """One split of a corpus, read chunk by chunk: `len(stream)` pairs, `chunks(n)` yields lists
+  of at most n (source, target) pairs in corpus order, never the whole split at once."""
+
+  def __init__(self, size: int, chunks):
+    self.size, self._chunks = size, chunks
+
+  def __len__(self) -> int:
+    return self.size
+
+  def chunks(self, n: int) -> Iterator[Chunk]:
+    return self._chunks(n)
+
+
+def _list_stream(pairs: Sequence[tuple[str, str]]) -> Stream:
+  return Stream(len(pairs), lambda n: (list(pairs[i:i + n]) for i in range(0, len(pairs), n)))
+
+
+def open_streams(cfg: DataConfig) -> tuple[dict[str, Stream], str]:
+  """({split: Stream}, identity): the splits as streams, and a string that changes whenever
+  the text could (file contents for text, builder version and sizes for tfds, generator
+  settings and code for synthetic). Reads text files once, to count and hash their lines."""
+  if cfg.source == "synthetic":
+    from s2s_jax.data import synthetic
+    with open(synthetic.__file__, "rb") as f:
+      code = hashlib.sha256(f.read()).hexdigest()
+    ident = (f"synthetic {cfg.synthetic_train} {cfg.synthetic_valid} {cfg.synthetic_test} "
+             f"{cfg.synthetic_seed} {code}")
+    splits = synthetic.make_splits(cfg.synthetic_train, cfg.synthetic_valid, cfg.synthetic_test,
+                                   seed=cfg.synthetic_seed)
+    return {s: _list_stream(splits[s]) for s in SPLITS}, ident
+  if cfg.source == "text":
+    folder = _text_folder(cfg.path, cfg.src_lang, cfg.tgt_lang)
+    streams, parts = {}, ["text"]
+    for split in SPLITS:
+      src_path, tgt_path = _text_paths(folder, split, cfg.src_lang, cfg.tgt_lang)
+      (n_src, h_src), (n_tgt, h_tgt) = _count_and_hash(src_path), _count_and_hash(tgt_path)
+      if n_src != n_tgt:
+        raise DataError(f"{src_path} has {n_src} lines but {tgt_path} has {n_tgt}: "
+                        "a parallel corpus needs one target line per source line")
+      parts += [split, h_src, h_tgt]
+      streams[split] = Stream(n_src, lambda n, a=src_path, b=tgt_path: _text_chunks(a, b, n))
+    return streams, " ".join(parts)
+  if cfg.source == "tfds":
+    return _tfds_streams(cfg)
   raise DataError(f"data.source must be synthetic, text or tfds, got {cfg.source!r}")
 
 
@@ -64,7 +118,7 @@ def _languages_in(folder: str) -> list[str]:
                  if "." in name and name.split(".", 1)[0] in SPLITS})
 
 
-def read_text_pair(folder: str, split: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
+def _text_paths(folder: str, split: str, src_lang: str, tgt_lang: str) -> tuple[str, str]:
   src_path = os.path.join(folder, f"{split}.{src_lang}")
   tgt_path = os.path.join(folder, f"{split}.{tgt_lang}")
   for path in (src_path, tgt_path):
@@ -72,6 +126,53 @@ def read_text_pair(folder: str, split: str, src_lang: str, tgt_lang: str) -> lis
       found = ", ".join(_languages_in(folder)) or "none"
       raise DataError(f"{path}: file not found; data.source=text reads {{train,valid,test}}."
                       f"{{{src_lang},{tgt_lang}}} from {folder} (languages found there: {found})")
+  return src_path, tgt_path
+
+
+def _count_and_hash(path: str, block: int = 1 << 24) -> tuple[int, str]:
+  """(number of lines, sha256 of the bytes) of a file, read in blocks."""
+  h, lines, last = hashlib.sha256(), 0, b"\n"
+  with open(path, "rb") as f:
+    while data := f.read(block):
+      h.update(data)
+      lines += data.count(b"\n")
+      last = data[-1:]
+  return lines + (last != b"\n"), h.hexdigest()
+
+
+def _decode_line(raw: bytes, path: str, number: int) -> str:
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: line {number}: invalid UTF-8 ({e.reason} at byte {e.start + 1} of "
+                    "the line); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+  return (text.removeprefix("\ufeff") if number == 1 else text).strip()
+
+
+def _text_chunks(src_path: str, tgt_path: str, n: int) -> Iterator[Chunk]:
+  """The pairs of two line-aligned files (counted equal by `open_streams`), n at a time."""
+  with open(src_path, "rb") as fs, open(tgt_path, "rb") as ft:
+    chunk: Chunk = []
+    for number, (a, b) in enumerate(zip(fs, ft), 1):
+      chunk.append((_decode_line(a, src_path, number), _decode_line(b, tgt_path, number)))
+      if len(chunk) == n:
+        yield chunk
+        chunk = []
+    if chunk:
+      yield chunk
+
+
+def _text_folder(folder: str, src_lang: str, tgt_lang: str) -> str:
+  if not folder:
+    raise DataError("data.source=text needs --data.path=DIR, a folder with "
+                    f"{{train,valid,test}}.{{{src_lang},{tgt_lang}}}")
+  if not os.path.isdir(folder):
+    raise DataError(f"{folder}: folder not found (data.path)")
+  return folder
+
+
+def read_text_pair(folder: str, split: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
+  src_path, tgt_path = _text_paths(folder, split, src_lang, tgt_lang)
   src, tgt = read_lines(src_path), read_lines(tgt_path)
   if len(src) != len(tgt):
     raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
@@ -80,11 +181,7 @@ def read_text_pair(folder: str, split: str, src_lang: str, tgt_lang: str) -> lis
 
 
 def read_text_corpus(folder: str, src_lang: str, tgt_lang: str) -> dict[str, list[tuple[str, str]]]:
-  if not folder:
-    raise DataError("data.source=text needs --data.path=DIR, a folder with "
-                    f"{{train,valid,test}}.{{{src_lang},{tgt_lang}}}")
-  if not os.path.isdir(folder):
-    raise DataError(f"{folder}: folder not found (data.path)")
+  folder = _text_folder(folder, src_lang, tgt_lang)
   return {split: read_text_pair(folder, split, src_lang, tgt_lang) for split in SPLITS}
 
 
@@ -148,7 +245,7 @@ def _not_prepared(cfg: DataConfig, builder) -> DataError:
            ".download_and_prepare(file_format='array_record')) and pass --data.tfds_data_dir=DIR")
   return DataError(f"TFDS dataset {cfg.tfds_name} is not prepared in {builder.data_dir} and is "
                    f"never downloaded here: {fetch}; or use --data.source=text with your own "
-                   "files (see README, Data)")
+                   "files (see docs/data.md)")
 
 
 def registered_url_infos(builder) -> dict:
@@ -312,7 +409,9 @@ def _fetch(records: Sequence, keys: list[int]) -> Sequence:
   return [records[k] for k in keys]
 
 
-def read_tfds(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
+def _tfds_records(cfg: DataConfig) -> tuple[Any, dict[str, Sequence]]:
+  """(builder, {our split: records}) of a prepared TFDS dataset (prepared first from
+  data.tfds_manual_dir when given)."""
   builder = tfds_builder(cfg)
   prepared = builder.is_prepared()
   if cfg.tfds_manual_dir and not prepared:
@@ -324,18 +423,36 @@ def read_tfds(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
       raise DataError(f"TFDS dataset {cfg.tfds_name} has the languages {', '.join(languages)}, "
                       f"not {lang!r} (data.src_lang / data.tgt_lang)")
   splits = list(builder.info.splits) if prepared else []
-  out = {}
+  records = {}
   for ours, theirs in TFDS_SPLITS.items():
     if splits and theirs not in splits:
       raise DataError(f"{builder.data_dir}: {cfg.tfds_name} has the splits {', '.join(splits)}, "
                       f"not {theirs!r} (used as {ours})")
-    records = _split_records(cfg, builder, theirs, prepared)
-    pairs = []
-    for start in range(0, len(records), TFDS_READ_CHUNK):
-      keys = list(range(start, min(start + TFDS_READ_CHUNK, len(records))))
-      chunk = _fetch(records, keys)
-      for k, ex in zip(keys, chunk):
-        where = f"{cfg.tfds_name} split {theirs} record {k}"
-        pairs.append((_text(ex[cfg.src_lang], where), _text(ex[cfg.tgt_lang], where)))
-    out[ours] = pairs
-  return out
+    records[ours] = _split_records(cfg, builder, theirs, prepared)
+  return builder, records
+
+
+def _tfds_chunks(cfg: DataConfig, records: Sequence, split: str, n: int) -> Iterator[Chunk]:
+  theirs = TFDS_SPLITS[split]
+  for start in range(0, len(records), n):
+    keys = list(range(start, min(start + n, len(records))))
+    chunk = []
+    for k, ex in zip(keys, _fetch(records, keys)):
+      where = f"{cfg.tfds_name} split {theirs} record {k}"
+      chunk.append((_text(ex[cfg.src_lang], where), _text(ex[cfg.tgt_lang], where)))
+    yield chunk
+
+
+def _tfds_streams(cfg: DataConfig) -> tuple[dict[str, Stream], str]:
+  builder, records = _tfds_records(cfg)
+  sizes = " ".join(f"{s}={len(r)}" for s, r in records.items())
+  ident = f"tfds {cfg.tfds_name} {builder.version} {cfg.src_lang}-{cfg.tgt_lang} {sizes}"
+  streams = {s: Stream(len(r), lambda n, s=s, r=r: _tfds_chunks(cfg, r, s, n))
+             for s, r in records.items()}
+  return streams, ident
+
+
+def read_tfds(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
+  _, records = _tfds_records(cfg)
+  return {split: [pair for chunk in _tfds_chunks(cfg, r, split, TFDS_READ_CHUNK)
+                  for pair in chunk] for split, r in records.items()}

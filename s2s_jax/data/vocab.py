@@ -52,6 +52,10 @@ class Vocab:
     get = self._words.get
     return [get(t, UNK_ID) for t in tokens]
 
+  def id_of(self, token: str) -> int:
+    """The id `encode` gives `token`."""
+    return self._words.get(token, UNK_ID)
+
   def decode(self, ids: Iterable[int]) -> list[str]:
     """Tokens up to (not including) the first </s>; padding and <s> are dropped."""
     out = []

@@ -1,14 +1,12 @@
-"""The fast paths compute what the plain ones do.
+"""The CPU kernels compute what the plain code does.
 
-- lstm.fused_layer / model custom_vjp: hand-written backward passes against JAX's autodiff of
-  the plain code (float64: to rounding; float32: to 1e-6), padding included. The layer tests
-  give every output a cotangent (what a layer above sends back), so the model tests use one
-  layer to keep compile time down.
-- bfloat16 compute mode: loss and gradients close to float32 (loose tolerance); the fused
-  layer's forward equals the plain one's up to the bfloat16 rounding of h.
-- The rewritten helpers (lstm.transposed, lstm.matmul_nt, lstm.gate_matmul_nt,
-  model.log_softmax, decode._argmax) against the jnp functions they replace, edge cases
-  included.
+- cpu_kernels.fused_layer / softmax_pick (model.kernels=cpu): hand-written backward passes
+  against JAX's autodiff of the plain code (float64: to rounding; float32: to 1e-6), padding
+  included. The layer tests give every output a cotangent (what a layer above sends back), so
+  the model tests use one layer to keep compile time down.
+- bfloat16 compute mode: loss and gradients close to float32 (loose tolerance).
+- The helpers (transposed, matmul_nt, weight_and_bias_grads, gates, log_softmax, and
+  decode._argmax) against the jnp functions they replace, edge cases included.
 """
 
 import dataclasses
@@ -18,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s2s_jax import decode, lstm, model
+from s2s_jax import cpu_kernels, decode, lstm, model
 from s2s_jax.config import ModelConfig
 from s2s_jax.data.vocab import EOS_ID
 
 T, B, I, H = 5, 3, 4, 6
 MASK = np.array([[1, 1, 1], [1, 1, 1], [1, 0, 1], [1, 0, 0], [1, 0, 0]], np.float32)  # ragged
-CFG = ModelConfig(num_layers=1, hidden_size=8, embed_size=6, init_scale=0.3)  # layers: see above
+CFG = ModelConfig(num_layers=1, hidden_size=8, embed_size=6, init_scale=0.3, kernels="cpu")  # layers: see above
 
 
 def layer_inputs(dtype=jnp.float32, seed=0):
@@ -55,8 +53,8 @@ def test_fused_layer_gradients_equal_autodiff_float64():
   with jax.enable_x64(True):
     args = layer_inputs(jnp.float64)
     out_ref, grads_ref = layer_vjp(lstm.layer, *args)
-    out, grads = layer_vjp(lstm.fused_layer, *args)
-    assert_trees_close(out, out_ref, rtol=0, atol=0)
+    out, grads = layer_vjp(cpu_kernels.fused_layer, *args)
+    assert_trees_close(out, out_ref, rtol=1e-13, atol=1e-14)  # sigmoid as tanh: to rounding
     assert_trees_close(grads, grads_ref, rtol=1e-11, atol=1e-12)
     assert float(jnp.max(jnp.abs(grads[3]))) > 0.01  # dc0 really flows through the padding
 
@@ -64,7 +62,7 @@ def test_fused_layer_gradients_equal_autodiff_float64():
 def test_fused_layer_gradients_equal_autodiff_float32():
   args = layer_inputs()
   out_ref, grads_ref = layer_vjp(lstm.layer, *args)
-  out, grads = layer_vjp(lstm.fused_layer, *args)
+  out, grads = layer_vjp(cpu_kernels.fused_layer, *args)
   assert_trees_close(out, out_ref, rtol=1e-6, atol=1e-6)
   assert_trees_close(grads, grads_ref, rtol=1e-5, atol=1e-6)
 
@@ -72,7 +70,7 @@ def test_fused_layer_gradients_equal_autodiff_float32():
 def test_fused_layer_padding_steps_pass_gradients_through():
   """A padded step neither reads its input nor changes the state: zero gradient for x there."""
   args = layer_inputs()
-  _, (_, dx, _, _) = layer_vjp(lstm.fused_layer, *args)
+  _, (_, dx, _, _) = layer_vjp(cpu_kernels.fused_layer, *args)
   np.testing.assert_array_equal(np.asarray(dx)[MASK == 0], 0.0)
   assert np.all(np.abs(np.asarray(dx)[MASK == 1]).sum(axis=-1) > 0)
 
@@ -80,25 +78,10 @@ def test_fused_layer_padding_steps_pass_gradients_through():
 def test_fused_layer_bfloat16_close_to_float32():
   args = layer_inputs()
   _, grads_ref = layer_vjp(lstm.layer, *args)
-  _, grads = layer_vjp(lstm.fused_layer, *args, jnp.bfloat16)
+  _, grads = layer_vjp(cpu_kernels.fused_layer, *args, jnp.bfloat16)
   for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
     assert g.dtype == r.dtype == jnp.float32
     np.testing.assert_allclose(g, r, rtol=0.05, atol=0.03 * float(jnp.max(jnp.abs(r))))
-
-
-def test_fused_layer_bfloat16_forward_is_layer_with_h_rounded():
-  """Under differentiation a bfloat16 fused layer carries h in bfloat16: its outputs are exactly
-  `layer`'s with h rounded to bfloat16 (all that ever reads h), c bit for bit the same."""
-  args = layer_inputs()
-  out_ref, _ = layer_vjp(lstm.layer, *args, jnp.bfloat16)
-  out, _ = layer_vjp(lstm.fused_layer, *args, jnp.bfloat16)
-  (h_ref, (hT_ref, cT_ref)), (h, (hT, cT)) = out_ref, out
-  assert h.dtype == hT.dtype == jnp.float32
-  rounded = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32))
-  np.testing.assert_array_equal(h, rounded(h_ref))
-  np.testing.assert_array_equal(hT, rounded(hT_ref))
-  np.testing.assert_array_equal(cT, cT_ref)
-  assert np.any(np.asarray(h_ref) != rounded(h_ref))  # the reference really is unrounded
 
 
 def model_batch():
@@ -115,20 +98,20 @@ def loss_and_grads(cfg, params, batch):
 
 @pytest.fixture(scope="module")
 def f32_run():
-  """(params, batch, loss, grads) of the default (custom_vjp, float32) model, computed once."""
+  """(params, batch, loss, grads) of the float32 model with the CPU kernels, computed once."""
   params = model.init_params(jax.random.PRNGKey(3), CFG, 12, 11)
   batch = model_batch()
   return (params, batch) + loss_and_grads(CFG, params, batch)
 
 
-def test_model_custom_vjp_equals_autodiff(f32_run):
+def test_model_cpu_kernels_equal_plain_autodiff(f32_run):
   params, batch, loss, grads = f32_run
-  loss_ref, grads_ref = loss_and_grads(dataclasses.replace(CFG, custom_vjp=False), params, batch)
+  loss_ref, grads_ref = loss_and_grads(dataclasses.replace(CFG, kernels="plain"), params, batch)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
   assert_trees_close(grads, grads_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_softmax_loss_custom_vjp_equals_autodiff_float64():
+def test_softmax_loss_cpu_kernel_equals_autodiff_float64():
   with jax.enable_x64(True):
     k = jax.random.split(jax.random.PRNGKey(4), 4)
     softmax = {"w": jax.random.normal(k[0], (H, 13), jnp.float64),
@@ -138,12 +121,12 @@ def test_softmax_loss_custom_vjp_equals_autodiff_float64():
     g = jnp.asarray(np.linspace(-1.0, 2.0, T * B).reshape(T, B))  # any cotangent
 
     @jax.jit(static_argnums=0)
-    def grads(custom_vjp, softmax, h):
-      cfg = dataclasses.replace(CFG, custom_vjp=custom_vjp)
+    def grads(kernels, softmax, h):
+      cfg = dataclasses.replace(CFG, kernels=kernels)
       f = lambda s, h: jnp.sum(g * model.target_log_probs({"softmax": s}, h, tgt, cfg))
       return jax.value_and_grad(f, argnums=(0, 1))(softmax, h)
 
-    (lp, grads_), (lp_ref, grads_ref) = grads(True, softmax, h), grads(False, softmax, h)
+    (lp, grads_), (lp_ref, grads_ref) = grads("cpu", softmax, h), grads("plain", softmax, h)
     np.testing.assert_allclose(lp, lp_ref, rtol=1e-13)
     assert_trees_close(grads_, grads_ref, rtol=1e-11, atol=1e-12)
 
@@ -161,13 +144,13 @@ def test_bfloat16_loss_and_gradients_close_to_float32(f32_run):
 @pytest.mark.parametrize("shape", [(12, 5), (7, 3), (1, 4), (30, 1)])
 def test_transposed_is_transpose(shape):
   x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
-  np.testing.assert_array_equal(jax.jit(lstm.transposed)(x), x.T)
+  np.testing.assert_array_equal(jax.jit(cpu_kernels.transposed)(x), x.T)
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5), (1, 6, 2), (2, 3, 1, 4)])
 def test_transposed_flattens_leading_axes(shape):
   x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
-  np.testing.assert_array_equal(jax.jit(lstm.transposed)(x), x.reshape(-1, shape[-1]).T)
+  np.testing.assert_array_equal(jax.jit(cpu_kernels.transposed)(x), x.reshape(-1, shape[-1]).T)
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
@@ -177,7 +160,7 @@ def test_weight_and_bias_grads_are_xt_dy_and_column_sums(dtype):
   dy_NxM = jax.random.normal(ky, (30, 9))
   if dtype is not None:
     dy_NxM = dy_NxM.astype(dtype)  # the caller passes dy already in the compute dtype
-  dw, db = jax.jit(lstm.weight_and_bias_grads, static_argnums=2)(x_TxBxK, dy_NxM, dtype)
+  dw, db = jax.jit(cpu_kernels.weight_and_bias_grads, static_argnums=2)(x_TxBxK, dy_NxM, dtype)
   assert dw.shape == (7, 9) and db.shape == (9,)
   assert dw.dtype == db.dtype == jnp.float32
   cast = lambda a: np.asarray(a if dtype is None else a.astype(dtype), np.float64)
@@ -192,45 +175,17 @@ def test_matmul_nt_is_matmul_by_transpose(dtype, x_shape):
   kx, kw = jax.random.split(jax.random.PRNGKey(7))
   x = jax.random.normal(kx, x_shape)
   w = jax.random.normal(kw, (9, 33))
-  got = jax.jit(lstm.matmul_nt, static_argnums=2)(x, w, dtype)
+  got = jax.jit(cpu_kernels.matmul_nt, static_argnums=2)(x, w, dtype)
   assert got.shape == x_shape[:-1] + (9,) and got.dtype == jnp.float32
   # the same operands (rounded to dtype) with a float64 sum: only the summation order differs
   cast = lambda a: np.asarray(a if dtype is None else a.astype(dtype), np.float64)
   np.testing.assert_allclose(got, cast(x) @ cast(w).T, rtol=1e-5, atol=1e-5)
 
 
-def test_affine_is_matmul_plus_bias():
-  kx, kw, kb = jax.random.split(jax.random.PRNGKey(3), 3)
-  x = jax.random.normal(kx, (2, 7, 513))
-  w = jax.random.normal(kw, (513, 9))
-  b = 100.0 + jax.random.normal(kb, (9,))  # large enough that one bf16 row would round it
-  got = jax.jit(lstm.affine)(x, w, b)
-  np.testing.assert_allclose(got, np.asarray(x) @ np.asarray(w) + np.asarray(b), rtol=1e-5,
-                             atol=1e-4)
-  # bf16 operands: x and w are rounded, b keeps ~16 bits (b_hi + b_lo rows), result float32
-  got16 = jax.jit(lstm.affine, static_argnums=3)(x, w, b, jnp.bfloat16)
-  r = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float64)
-  want16 = r(x) @ r(w) + np.asarray(b, np.float64)
-  assert got16.dtype == jnp.float32
-  np.testing.assert_allclose(got16, want16, rtol=0, atol=2e-3)
-
-
-@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
-@pytest.mark.parametrize("g", [1024, 2048, 4000])  # 2048 and 4000 (bf16): two half products
-def test_gate_matmul_nt_is_matmul_by_transpose(dtype, g):
-  kx, kw = jax.random.split(jax.random.PRNGKey(g))
-  x = jax.random.normal(kx, (6, g))
-  w = jax.random.normal(kw, (5, g))
-  got = jax.jit(lstm.gate_matmul_nt, static_argnums=2)(x, w, dtype)
-  assert got.shape == (6, 5) and got.dtype == jnp.float32
-  cast = lambda a: np.asarray(a if dtype is None else a.astype(dtype), np.float64)
-  np.testing.assert_allclose(got, cast(x) @ cast(w).T, rtol=1e-5, atol=1e-4)
-
-
 def test_log_softmax_equals_jax():
   x = 5.0 * jax.random.normal(jax.random.PRNGKey(6), (4, 37))
   x = x.at[1, :3].set(-jnp.inf)
-  np.testing.assert_allclose(model.log_softmax(x), jax.nn.log_softmax(x, axis=-1), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(cpu_kernels.log_softmax(x), jax.nn.log_softmax(x, axis=-1), rtol=1e-6, atol=1e-6)
 
 
 def test_argmax_equals_jnp_argmax():
@@ -243,3 +198,24 @@ def test_argmax_equals_jnp_argmax():
   got = np.asarray(jax.jit(decode._argmax)(jnp.asarray(x)))
   np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
   np.testing.assert_array_equal(got[:5], [0, 2, 0, 4, 1])
+
+
+def test_gate_activations_match_sigmoid_and_tanh():
+  """The one-pass activations (sigmoid as tanh(z/2)/2 + 1/2) against the textbook formulas."""
+  h = 8
+  z = np.linspace(-40.0, 40.0, 4 * 4 * h * 25, dtype=np.float32).reshape(100, 4 * h)
+  gates = jax.jit(cpu_kernels.gates)(jnp.asarray(z))
+  z64 = z.astype(np.float64)
+  sig = 1.0 / (1.0 + np.exp(-z64))
+  want = np.concatenate([sig[:, :2 * h], np.tanh(z64[:, 2 * h:3 * h]), sig[:, 3 * h:]], axis=1)
+  np.testing.assert_allclose(gates, want, rtol=0, atol=3e-7)
+
+
+@pytest.mark.parametrize("backend,kernels,want", [("cpu", "auto", True), ("gpu", "auto", False),
+                                                  ("tpu", "auto", False), ("gpu", "cpu", True),
+                                                  ("cpu", "plain", False)])
+def test_cpu_kernels_only_on_the_cpu_backend_unless_asked(monkeypatch, backend, kernels, want):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert model.cpu_kernels_on(dataclasses.replace(CFG, kernels=kernels)) is want
+  with pytest.raises(ValueError, match="model.kernels"):
+    model.cpu_kernels_on(dataclasses.replace(CFG, kernels="fast"))

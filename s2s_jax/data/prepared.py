@@ -1,0 +1,386 @@
+"""Prepared corpora: every split tokenized once, in parallel, into flat memory-mapped token ids.
+
+A prepared corpus is a folder in the data store (data.prepared_dir, else $S2S_JAX_DATA, else
+~/.cache/s2s_jax/prepared) named `<source>-<key>`, where the key hashes the text (file
+contents, TFDS version and sizes, or the generator settings), the tokenizer and its model,
+and the format version. Any number of WORKDIRs and hosts share it:
+
+  meta.json              sizes per split, written last (a folder without it is never used)
+  tokens.{src,tgt}.txt   the token table: token string of store id i on line i + 1
+  rank.{src,tgt}.npy     uint32 rank of each token in code point order (vocabulary ties)
+  counts.{src,tgt}.npy   int64 count of each token in the training split
+  <split>.{src,tgt}.ids  uint32 store ids of all sentences of the split, concatenated
+  <split>.{src,tgt}.offsets.npy  int64 start of sentence i (n + 1 entries)
+
+Store ids are not vocabulary ids: a run maps them through a lookup table built from its own
+vocabulary settings (`Prepared.lookup`), so one prepared corpus serves every vocabulary size
+and length limit. Preparation reads the text in chunks (never a whole split), tokenizes them
+in a process pool and writes into a temporary folder that is renamed into place at the end:
+an interrupted preparation leaves nothing that a later run mistakes for a complete corpus.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import time
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from s2s_jax.config import DataConfig
+from s2s_jax.data import sources, tokenize
+from s2s_jax.data.sources import DataError
+from s2s_jax.data.vocab import SPECIALS, Vocab
+
+FORMAT_VERSION = "1"  # bump when the tokens or the files change in a way the key does not see
+CHUNK_PAIRS = 5_000  # pairs a worker tokenizes per task
+SERIAL_BELOW = 20_000  # splits smaller than this are tokenized in this process (no pool start-up)
+ENV_DIR = "S2S_JAX_DATA"
+SIDES = ("src", "tgt")
+
+
+def store_dir(cfg: DataConfig) -> str:
+  """Where prepared corpora live: data.prepared_dir, $S2S_JAX_DATA, ~/.cache/s2s_jax/prepared."""
+  return os.path.abspath(os.path.expanduser(
+      cfg.prepared_dir or os.environ.get(ENV_DIR) or "~/.cache/s2s_jax/prepared"))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass
+class SplitIds:
+  """One split's store ids: sentence i of side s is ids[s][offsets[s][i]:offsets[s][i + 1]]."""
+  ids: tuple[np.ndarray, np.ndarray]  # (src, tgt) uint32, memory-mapped
+  offsets: tuple[np.ndarray, np.ndarray]  # (src, tgt) int64, n + 1 entries
+
+  def __len__(self) -> int:
+    return len(self.offsets[0]) - 1
+
+  def lengths(self, side: int) -> np.ndarray:
+    return np.diff(self.offsets[side]).astype(np.int32)
+
+  def sentence(self, side: int, i: int) -> np.ndarray:
+    off = self.offsets[side]
+    return self.ids[side][off[i]:off[i + 1]]
+
+  def counts(self, side: int, size: int, drop: np.ndarray | None = None) -> np.ndarray:
+    """Token counts (by store id) over the split's sentences, less those of rows `drop`."""
+    counts = np.bincount(self.ids[side], minlength=size).astype(np.int64)
+    if drop is not None and len(drop):
+      counts -= self.dropped_counts(side, size, drop)
+    return counts
+
+  def dropped_counts(self, side: int, size: int, drop: np.ndarray) -> np.ndarray:
+    """Token counts (by store id) over the sentences of rows `drop`."""
+    off = self.offsets[side]
+    starts, lengths = off[drop], off[np.asarray(drop) + 1] - off[drop]
+    firsts = np.cumsum(lengths) - lengths  # where each sentence starts among the gathered ids
+    positions = np.repeat(starts - firsts, lengths) + np.arange(int(lengths.sum()))
+    return np.bincount(self.ids[side][positions], minlength=size).astype(np.int64)
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A prepared corpus, opened: token tables (strings) and memory-mapped ids per split."""
+  folder: str
+  tables: tuple[list[str], list[str]]  # (src, tgt): token string by store id
+  ranks: tuple[np.ndarray, np.ndarray]  # code point order rank of every table entry
+  train_counts: tuple[np.ndarray, np.ndarray]  # token counts over the whole training split
+  splits: dict[str, SplitIds]
+
+  specials: tuple[dict[str, int], dict[str, int]]  # text tokens that spell a special -> store id
+
+  def vocab(self, side: int, max_size: int, drop: np.ndarray | None = None) -> Vocab:
+    """The `max_size` most frequent training tokens (ties: code point order), as Vocab.build
+    gives on the training pairs that remain after dropping the rows `drop`."""
+    counts = self.train_counts[side].copy()
+    if drop is not None and len(drop):
+      counts -= self.splits["train"].dropped_counts(side, len(counts), drop)
+    counts[list(self.specials[side].values())] = 0  # spelled specials are unknown words
+    seen = np.flatnonzero(counts > 0)
+    order = seen[np.lexsort((self.ranks[side][seen], -counts[seen]))][:max(max_size, 0)]
+    table = self.tables[side]
+    return Vocab(list(SPECIALS) + [table[i] for i in order])
+
+  def word_ranks(self, side: int) -> dict[str, int]:
+    """Frequency rank of every training token (1 = most frequent; ties: code point order)."""
+    counts = self.train_counts[side]
+    seen = np.flatnonzero(counts > 0)
+    order = seen[np.lexsort((self.ranks[side][seen], -counts[seen]))]
+    return {self.tables[side][i]: r for r, i in enumerate(order.tolist(), 1)}
+
+  def lookup(self, side: int, vocab: Vocab) -> np.ndarray:
+    """uint32 map from store ids to `vocab` ids (unknown and spelled-out specials: <unk>)."""
+    return np.fromiter((vocab.id_of(t) for t in self.tables[side]), np.uint32,
+                       len(self.tables[side]))
+
+
+def _load_table(path: str) -> list[str]:
+  with open(path, encoding="utf-8", newline="") as f:
+    lines = f.read().split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()
+  return lines
+
+
+def _map_ids(path: str, n: int) -> np.ndarray:
+  if n == 0:
+    return np.zeros(0, np.uint32)
+  return np.memmap(path, np.uint32, "r", shape=(n,))
+
+
+def open_prepared(folder: str) -> Prepared:
+  """Opens a complete prepared corpus (one whose meta.json exists)."""
+  with open(os.path.join(folder, "meta.json")) as f:
+    meta = json.load(f)
+  tables = tuple(_load_table(os.path.join(folder, f"tokens.{s}.txt")) for s in SIDES)
+  ranks = tuple(np.load(os.path.join(folder, f"rank.{s}.npy")) for s in SIDES)
+  counts = tuple(np.load(os.path.join(folder, f"counts.{s}.npy")) for s in SIDES)
+  splits = {}
+  for split, sizes in meta["splits"].items():
+    offsets = tuple(np.load(os.path.join(folder, f"{split}.{s}.offsets.npy"), mmap_mode="r")
+                    for s in SIDES)
+    ids = tuple(_map_ids(os.path.join(folder, f"{split}.{s}.ids"), sizes[f"{s}_tokens"])
+                for s in SIDES)
+    splits[split] = SplitIds(ids, offsets)
+  specials = tuple(meta["specials"][s] for s in SIDES)
+  return Prepared(folder, tables, ranks, counts, splits, specials)
+
+
+# ----------------------------------------------------------------------------- the key
+
+
+def tokenizer_identity(cfg: DataConfig, model_dir: str | None) -> str:
+  parts = [cfg.tokenizer, cfg.src_lang, cfg.tgt_lang]
+  if cfg.tokenizer == "moses":
+    import sacremoses
+    parts.append(getattr(sacremoses, "__version__", "?"))
+  if cfg.tokenizer == "sentencepiece":
+    for lang in (cfg.src_lang, cfg.tgt_lang):
+      with open(tokenize.spm_model_path(model_dir, lang), "rb") as f:
+        parts.append(hashlib.sha256(f.read()).hexdigest())
+  return " ".join(parts)
+
+
+def corpus_key(text_identity: str, tok_identity: str) -> str:
+  h = hashlib.sha256(f"{FORMAT_VERSION}\n{text_identity}\n{tok_identity}".encode())
+  return h.hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+_worker_tokenizers: tuple[Callable, Callable] | None = None
+
+
+def _init_worker(kind: str, src_lang: str, tgt_lang: str, model_dir: str | None) -> None:
+  global _worker_tokenizers
+  _worker_tokenizers = (tokenize.tokenizer(kind, src_lang, model_dir),
+                        tokenize.tokenizer(kind, tgt_lang, model_dir))
+
+
+def _encode_side(sentences: Sequence[list[str]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """(local token table, uint32 local ids of all sentences, int64 lengths)."""
+  index: dict[str, int] = {}
+  ids = [index.setdefault(t, len(index)) for sent in sentences for t in sent]
+  lengths = np.fromiter((len(s) for s in sentences), np.int64, len(sentences))
+  return list(index), np.asarray(ids, np.uint32), lengths
+
+
+def tokenize_chunk(chunk: sources.Chunk):
+  """A worker's task: both sides of a chunk tokenized, as local tables and ids."""
+  tok_src, tok_tgt = _worker_tokenizers
+  return (_encode_side([tok_src(s) for s, _ in chunk]),
+          _encode_side([tok_tgt(t) for _, t in chunk]))
+
+
+def _in_order(pool, chunks: Iterator[sources.Chunk], window: int) -> Iterator:
+  """pool.imap with at most `window` chunks in flight (imap would read the whole split)."""
+  pending: collections.deque = collections.deque()
+  for chunk in chunks:
+    pending.append(pool.apply_async(tokenize_chunk, (chunk,)))
+    if len(pending) >= window:
+      yield pending.popleft().get()
+  while pending:
+    yield pending.popleft().get()
+
+
+class _SideWriter:
+  """Appends a split's sentences (with chunk-local ids) to its file in store ids."""
+
+  def __init__(self, path: str, index: dict[str, int]):
+    self.path, self.index = path, index
+    self.file = open(path, "wb")
+    self.lengths: list[np.ndarray] = []
+    self.tokens = 0
+
+  def add(self, table: list[str], ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    index = self.index
+    remap = np.fromiter((index.setdefault(t, len(index)) for t in table), np.uint32, len(table))
+    store = remap[ids]
+    self.file.write(store.tobytes())
+    self.lengths.append(lengths)
+    self.tokens += len(store)
+    return store
+
+  def close(self) -> np.ndarray:
+    self.file.close()
+    lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def _check_tokens(table: list[str], path: str) -> None:
+  bad = [t for t in table if not t or "\n" in t]
+  if bad:
+    raise DataError(f"{path}: the tokenizer produced tokens a token table cannot hold: {bad[:3]!r}")
+
+
+def _write_prepared(tmp: str, streams: dict[str, sources.Stream], cfg: DataConfig,
+                    model_dir: str | None, workers: int, progress: bool) -> dict:
+  indices: tuple[dict[str, int], dict[str, int]] = ({}, {})
+  train_counts = [np.zeros(0, np.int64), np.zeros(0, np.int64)]
+  meta: dict = {"format": FORMAT_VERSION, "tokenizer": cfg.tokenizer, "splits": {},
+                "specials": {}}
+  total = sum(len(s) for s in streams.values())
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="pair", unit_scale=True, dynamic_ncols=True,
+               desc="preparing corpus")
+  pool = None
+  init = (cfg.tokenizer, cfg.src_lang, cfg.tgt_lang, model_dir)
+  try:
+    if workers > 1 and total >= SERIAL_BELOW:
+      pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, init)
+      run = lambda chunks: _in_order(pool, chunks, 3 * workers)
+    else:
+      _init_worker(*init)
+      run = lambda chunks: map(tokenize_chunk, chunks)
+    for split, stream in streams.items():
+      writers = [_SideWriter(os.path.join(tmp, f"{split}.{s}.ids"), indices[k])
+                 for k, s in enumerate(SIDES)]
+      for result in run(stream.chunks(CHUNK_PAIRS)):
+        for k, (table, ids, lengths) in enumerate(result):
+          store = writers[k].add(table, ids, lengths)
+          if split == "train":
+            counts = np.bincount(store, minlength=len(indices[k]))
+            counts[:len(train_counts[k])] += train_counts[k]
+            train_counts[k] = counts
+        if bar is not None:
+          bar.update(len(result[0][2]))
+      sizes = {}
+      for k, s in enumerate(SIDES):
+        offsets = writers[k].close()
+        np.save(os.path.join(tmp, f"{split}.{s}.offsets.npy"), offsets)
+        sizes[f"{s}_tokens"] = writers[k].tokens
+      sizes["pairs"] = len(offsets) - 1
+      meta["splits"][split] = sizes
+  finally:
+    if pool is not None:
+      pool.terminate()
+    if bar is not None:
+      bar.close()
+  for k, s in enumerate(SIDES):
+    table = list(indices[k])
+    path = os.path.join(tmp, f"tokens.{s}.txt")
+    _check_tokens(table, path)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+      f.write("".join(t + "\n" for t in table))
+    rank = np.empty(len(table), np.uint32)
+    rank[sorted(range(len(table)), key=table.__getitem__)] = np.arange(len(table), dtype=np.uint32)
+    np.save(os.path.join(tmp, f"rank.{s}.npy"), rank)
+    counts = np.zeros(len(table), np.int64)
+    counts[:len(train_counts[k])] = train_counts[k]
+    np.save(os.path.join(tmp, f"counts.{s}.npy"), counts)
+    meta[f"{s}_table"] = len(table)
+    meta["specials"][s] = {t: indices[k][t] for t in SPECIALS if t in indices[k]}
+  return meta
+
+
+def _incomplete_name(folder: str) -> str:
+  return f"{folder}.incomplete-{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_stale(folder: str) -> None:
+  """Removes this host's incomplete preparations of `folder` whose process is gone."""
+  parent, name = os.path.split(folder)
+  prefix = f"{name}.incomplete-{socket.gethostname()}-"
+  for entry in os.listdir(parent):
+    if not entry.startswith(prefix):
+      continue
+    try:
+      os.kill(int(entry[len(prefix):]), 0)
+    except ProcessLookupError:
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    except (ValueError, PermissionError, OSError):
+      pass
+
+
+def default_workers() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def prepare(cfg: DataConfig, streams: dict[str, sources.Stream], text_identity: str,
+            model_dir: str | None, progress: bool = False) -> Prepared:
+  """Opens the prepared corpus of these streams and tokenizer, preparing it first if needed."""
+  root = store_dir(cfg)
+  key = corpus_key(text_identity, tokenizer_identity(cfg, model_dir))
+  folder = os.path.join(root, f"{cfg.source}-{key}")
+  if os.path.exists(os.path.join(folder, "meta.json")):
+    t0 = time.perf_counter()
+    prepared = open_prepared(folder)
+    logging.info("data: prepared corpus %s opened in %.2f s", folder, time.perf_counter() - t0)
+    return prepared
+  try:
+    os.makedirs(root, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"{root}: cannot create the data store ({e.strerror}); set "
+                    f"--data.prepared_dir or ${ENV_DIR} to a writable folder") from None
+  _remove_stale(folder)
+  tmp = _incomplete_name(folder)
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  workers = cfg.workers if cfg.workers > 0 else default_workers()
+  t0 = time.perf_counter()
+  try:
+    meta = _write_prepared(tmp, streams, cfg, model_dir, workers, progress)
+    meta["text"], meta["seconds"] = text_identity[:500], round(time.perf_counter() - t0, 3)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=1)
+    try:
+      os.rename(tmp, folder)
+    except OSError:  # another process finished the same corpus first: use that one
+      if not os.path.exists(os.path.join(folder, "meta.json")):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  pairs = sum(s["pairs"] for s in meta["splits"].values())
+  dt = time.perf_counter() - t0
+  logging.info("data: prepared %d pairs (%s) in %.1f s, %.0f pairs/s with %d worker(s), into %s",
+               pairs, cfg.tokenizer, dt, pairs / max(dt, 1e-9),
+               workers if pairs >= SERIAL_BELOW else 1, folder)
+  return open_prepared(folder)
+
+
+def sample_text(stream: sources.Stream, side: int, limit: int) -> Iterator[str]:
+  """At most about `limit` sentences of one side of a split, evenly spread over it."""
+  stride = max(1, -(-len(stream) // max(limit, 1)))
+  i = 0
+  for chunk in stream.chunks(CHUNK_PAIRS):
+    for pair in chunk:
+      if i % stride == 0:
+        yield pair[side]
+      i += 1
