@@ -15,6 +15,9 @@ checks values and gradients against autodiff). Whole-step figures: BENCHMARKS.md
   logits and forms d logits = g * (onehot - softmax) in one pass.
 - `log_softmax`: x - (max + log sum exp(x - max)), which XLA's CPU backend runs faster than
   jax.nn.log_softmax inside a decoding step. Not for gradients.
+- `argmax`: greedy decoding's arg-max as a max and a min reduction, which XLA's CPU backend
+  runs about 8x faster than argmax's (value, index) reduction (13 ms -> 1.5 ms a step for
+  128 x 16k logits, a quarter of a medium greedy step).
 - Products of the backward passes take a right operand contracted on its last axis in place
   (`matmul_nt`), and the left operand of x^T @ y as a materialised transpose (`transposed`),
   the layouts XLA's CPU matmul calls run fastest.
@@ -190,3 +193,10 @@ def log_softmax(logits: Array) -> Array:
   """log softmax over the last axis as x - (max + log sum exp(x - max)). Not for gradients."""
   max_ = jnp.max(logits, axis=-1, keepdims=True)
   return logits - (max_ + jnp.log(jnp.sum(jnp.exp(logits - max_), axis=-1, keepdims=True)))
+
+
+def argmax(x_RxV: Array) -> Array:
+  """jnp.argmax(x, axis=-1) as int32 (the first maximum; a NaN counts as the maximum)."""
+  v = x_RxV.shape[-1]
+  hit_RxV = (x_RxV == jnp.max(x_RxV, axis=-1, keepdims=True)) | jnp.isnan(x_RxV)
+  return jnp.min(jnp.where(hit_RxV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)

@@ -6,7 +6,7 @@
   the model tests use one layer to keep compile time down.
 - bfloat16 compute mode: loss and gradients close to float32 (loose tolerance).
 - The helpers (transposed, matmul_nt, weight_and_bias_grads, gates, log_softmax, and
-  decode._argmax) against the jnp functions they replace, edge cases included.
+  argmax) against the jnp functions they replace, edge cases included.
 """
 
 import dataclasses
@@ -195,7 +195,7 @@ def test_argmax_equals_jnp_argmax():
   x[2] = -np.inf  # nothing allowed
   x[3, 4] = np.nan  # a NaN counts as the maximum
   x[4, [1, 5]] = np.nan
-  got = np.asarray(jax.jit(decode._argmax)(jnp.asarray(x)))
+  got = np.asarray(jax.jit(cpu_kernels.argmax)(jnp.asarray(x)))
   np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
   np.testing.assert_array_equal(got[:5], [0, 2, 0, 4, 1])
 
@@ -219,3 +219,17 @@ def test_cpu_kernels_only_on_the_cpu_backend_unless_asked(monkeypatch, backend, 
   assert model.cpu_kernels_on(dataclasses.replace(CFG, kernels=kernels)) is want
   with pytest.raises(ValueError, match="model.kernels"):
     model.cpu_kernels_on(dataclasses.replace(CFG, kernels="fast"))
+
+
+def test_greedy_and_beam_decoding_equal_under_cpu_and_plain_kernels():
+  params = model.init_params(jax.random.PRNGKey(5), CFG, 12, 11)
+  src = jnp.asarray(model_batch()["src"][:3])
+  outs = {}
+  for kernels in ("cpu", "plain"):
+    cfg = dataclasses.replace(CFG, kernels=kernels)
+    g = decode.greedy(params, src, cfg=cfg, max_len=6)
+    b = decode.beam(params, src, cfg=cfg, beam_size=3, max_len=6)
+    outs[kernels] = (np.asarray(g[0]), np.asarray(b.tokens_BxNxT))
+    assert np.all(np.isfinite(np.asarray(g[1])))
+  np.testing.assert_array_equal(outs["cpu"][0], outs["plain"][0])
+  np.testing.assert_array_equal(outs["cpu"][1], outs["plain"][1])
