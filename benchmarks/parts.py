@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
   x_TxBxE = jax.random.normal(k2, (s.length, s.batch, s.hidden))
   mask_TxB = jnp.ones((s.length, s.batch))
   s0 = lstm.zero_state(s.layers, s.batch, s.hidden)
-  st = lambda ps, x: jnp.sum(lstm.stack(ps, x, mask_TxB, s0, dtype, model._run_layer(cfg.model))[0])
+  st = lambda ps, x: jnp.sum(lstm.stack(ps, x, mask_TxB, s0, dtype, model.layer_fn(cfg.model))[0])
   rows.append(("one LSTM stack fwd+bwd", median_ms(jax.jit(jax.grad(st, argnums=(0, 1))),
                                                    params["encoder"], x_TxBxE, reps=args.reps)))
   rows.append(("one LSTM stack fwd", median_ms(jax.jit(st), params["encoder"], x_TxBxE,

@@ -233,7 +233,7 @@ def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
       raise ConfigError(f"config section '{sec}' must be an object")
     for k, v in vals.items():
       if (sec, k) == ("model", "custom_vjp"):  # a config.json written before model.kernels
-        sec, k, v = "model", "kernels", "auto" if v else "plain"
+        k, v = "kernels", "auto" if v else "plain"
       flat[f"{sec}.{k}"] = v
   return override(base, flat)
 

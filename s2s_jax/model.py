@@ -56,7 +56,8 @@ def cpu_kernels_on(cfg: ModelConfig) -> bool:
   return cfg.kernels == "cpu" or (cfg.kernels == "auto" and jax.default_backend() == "cpu")
 
 
-def _run_layer(cfg: ModelConfig) -> Callable:
+def layer_fn(cfg: ModelConfig) -> Callable:
+  """The function that runs one LSTM layer under `cfg`: lstm.layer or cpu_kernels.fused_layer."""
   return cpu_kernels.fused_layer if cpu_kernels_on(cfg) else lstm.layer
 
 
@@ -94,7 +95,7 @@ def encode(params: Params, src_BxS: Array, cfg: ModelConfig) -> lstm.State:
   mask_SxB = (src_BxS.T != PAD_ID).astype(jnp.float32)
   state0 = lstm.zero_state(cfg.num_layers, b, cfg.hidden_size, params["src_embed"].dtype)
   _, state = lstm.stack(params["encoder"], x_SxBxE, mask_SxB, state0, compute_dtype(cfg),
-                        _run_layer(cfg))
+                        layer_fn(cfg))
   return state
 
 
@@ -115,7 +116,7 @@ def decode_hidden(params: Params, state: lstm.State, tgt_BxT: Array, cfg: ModelC
   x_TxBxE = embed(params["tgt_embed"], y_in_BxT.T)
   mask_TxB = (tgt_BxT.T != PAD_ID).astype(jnp.float32)
   h_TxBxH, _ = lstm.stack(params["decoder"], x_TxBxE, mask_TxB, state, compute_dtype(cfg),
-                          _run_layer(cfg))
+                          layer_fn(cfg))
   return h_TxBxH
 
 

@@ -290,15 +290,24 @@ def place_batch(mesh: Mesh, batch: Pytree) -> Pytree:
   return jax.tree_util.tree_map(put, batch)
 
 
+def host_rows(layout: Layout, batch_size: int) -> slice:
+  """The rows of a global batch that this process's devices get (all of them on one host):
+  the batch iterators read only those sentences from the corpus."""
+  if layout.strategy == "pmap":
+    n = layout.data_size
+    mine = [i for i, d in enumerate(layout.mesh.devices.flat)
+            if d.process_index == jax.process_index()]
+    return slice(mine[0] * batch_size // n, (mine[-1] + 1) * batch_size // n)
+  return process_rows(batch_sharding(layout.mesh), (batch_size, 1))
+
+
 def pmap_batch(layout: Layout, batch: Pytree) -> Pytree:
   """A global host batch as this process's per-device batches: (local devices, B/n, ...)."""
   n = layout.data_size
-  mine = [i for i, d in enumerate(layout.mesh.devices.flat)
-          if d.process_index == jax.process_index()]
 
   def split(x):
     x = np.asarray(x)
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])[mine[0]:mine[-1] + 1]
+    return x[host_rows(layout, x.shape[0])].reshape((-1, x.shape[0] // n) + x.shape[1:])
 
   return jax.tree_util.tree_map(split, batch)
 

@@ -235,19 +235,6 @@ def resolve_compute_dtype(cfg: Config, workdir: str) -> Config:
   return config_lib.override(cfg, {"model.compute_dtype": dtype})
 
 
-def host_rows(layout: parallel.Layout, batch_size: int) -> slice:
-  """The rows of a global batch that this process's devices get (all of them on one host):
-  the batch iterators read only those sentences from the corpus."""
-  if jax.process_count() == 1:
-    return slice(None)
-  if layout.strategy == "pmap":
-    n = layout.data_size
-    mine = [i for i, d in enumerate(layout.mesh.devices.flat)
-            if d.process_index == jax.process_index()]
-    return slice(mine[0] * batch_size // n, (mine[-1] + 1) * batch_size // n)
-  return parallel.process_rows(parallel.batch_sharding(layout.mesh), (batch_size, 1))
-
-
 def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`. Returns the final metrics."""
   parallel.initialize(cfg.parallel)  # multi-host: before anything touches a device
@@ -268,11 +255,11 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
       lambda: pipeline.load_corpus(cfg.data, workdir, progress=progress))
   batches = pipeline.BatchIterator(corpus.examples["train"], cfg.train.batch_size,
                                    cfg.data.bucket_width, cfg.train.seed, cfg.data.bucket_growth,
-                                   rows=host_rows(layout, cfg.train.batch_size))
+                                   rows=parallel.host_rows(layout, cfg.train.batch_size))
   valid = corpus.examples["valid"]
   if cfg.data.max_eval_sentences > 0:
     valid = valid[:cfg.data.max_eval_sentences]
-  valid_rows = host_rows(layout, cfg.train.eval_batch_size)
+  valid_rows = parallel.host_rows(layout, cfg.train.eval_batch_size)
   valid_batches = lambda: pipeline.eval_batches(valid, cfg.train.eval_batch_size,
                                                 cfg.data.bucket_width, cfg.data.bucket_growth,
                                                 valid_rows)

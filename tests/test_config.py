@@ -64,3 +64,8 @@ def test_quickstart_summary_says_what_was_trained_how_good_and_where_the_plots_a
   assert "100,000 English->French sentence pairs" in text and "source read reversed" in text
   assert "test BLEU 21.0 on 500 held-out sentences" in text and "among 5 equally likely" in text
   assert "runs/q/curves.png" in text and "runs/q/pca.png" in text
+
+
+def test_a_config_json_with_the_old_custom_vjp_field_still_loads():
+  assert c.from_dict({"model": {"custom_vjp": False}}).model.kernels == "plain"
+  assert c.from_dict({"model": {"custom_vjp": True, "num_layers": 2}}).model.kernels == "auto"

@@ -133,7 +133,14 @@ def test_sentencepiece_models_are_trained_once_and_copied_into_each_workdir(tmp_
   folder = write_toy_corpus(str(tmp_path / "c"), num_words=40)
   cfg = cfg_for(folder, tmp_path / "store", tokenizer="sentencepiece", spm_vocab_size=30)
   a = pipeline.load_corpus(cfg, str(tmp_path / "wd1"))
+  spm = [d for d in os.listdir(tmp_path / "store") if d.startswith("spm-")]
+  assert len(spm) == 1
+  stamps = {f: os.stat(tmp_path / "store" / spm[0] / f).st_mtime_ns
+            for f in os.listdir(tmp_path / "store" / spm[0])}
   b = pipeline.load_corpus(cfg, str(tmp_path / "wd2"))
+  assert stamps == {f: os.stat(tmp_path / "store" / spm[0] / f).st_mtime_ns
+                    for f in os.listdir(tmp_path / "store" / spm[0])}  # not trained again
+  assert len([d for d in os.listdir(tmp_path / "store") if not d.startswith("spm-")]) == 1
   for lang in ("en", "fr"):
     with open(tokenize.spm_model_path(str(tmp_path / "wd1"), lang), "rb") as f1, \
          open(tokenize.spm_model_path(str(tmp_path / "wd2"), lang), "rb") as f2:

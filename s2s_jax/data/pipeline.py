@@ -220,7 +220,7 @@ def _spm_models(cfg: DataConfig, workdir: str | None, streams: dict[str, sources
 
 
 def _vocabs(cfg: DataConfig, workdir: str | None, prep: prepared_lib.Prepared,
-            dropped: np.ndarray) -> tuple[Vocab, Vocab]:
+            train_counts: tuple[np.ndarray, np.ndarray]) -> tuple[Vocab, Vocab]:
   """The WORKDIR's vocabularies if it has them, else new ones from the kept training pairs
   (saved there for decoding)."""
   paths = [os.path.join(workdir, f) for f in (SRC_VOCAB_FILE, TGT_VOCAB_FILE)] if workdir else []
@@ -234,8 +234,8 @@ def _vocabs(cfg: DataConfig, workdir: str | None, prep: prepared_lib.Prepared,
     logging.info("data: vocabularies reloaded from %s (%d source, %d target ids)", workdir,
                  len(vocabs[0]), len(vocabs[1]))
     return vocabs
-  src_vocab = prep.vocab(0, cfg.src_vocab_size, dropped)
-  tgt_vocab = prep.vocab(1, cfg.tgt_vocab_size, dropped)
+  src_vocab = prep.vocab(0, cfg.src_vocab_size, train_counts[0])
+  tgt_vocab = prep.vocab(1, cfg.tgt_vocab_size, train_counts[1])
   if paths:
     os.makedirs(workdir, exist_ok=True)
     src_vocab.save(paths[0])
@@ -268,12 +268,13 @@ def load_corpus(cfg: DataConfig, workdir: str | None, progress: bool = False) ->
                  else "none for length (no length limit here)")
     rows[split] = kept
     stats[split] = {"pairs": len(ids), "kept": len(kept), "empty": empty, "too_long": long}
-  train_dropped = dropped["train"]
   if not len(rows["train"]):
     s = stats["train"]
     raise DataError(f"no training pairs left: {s['pairs']} read, {s['empty']} with an empty side, "
                     f"{s['too_long']} longer than data.max_len={cfg.max_len}")
-  vocabs = _vocabs(cfg, workdir, prep, train_dropped)
+  counts = {split: [prep.kept_counts(split, k, dropped[split]) for k in (0, 1)]
+            for split in sources.SPLITS}
+  vocabs = _vocabs(cfg, workdir, prep, counts["train"])
   lookups = (prep.lookup(0, vocabs[0]), prep.lookup(1, vocabs[1]))
   examples, tokens = {}, {}
   for split, kept in rows.items():
@@ -282,13 +283,9 @@ def load_corpus(cfg: DataConfig, workdir: str | None, progress: bool = False) ->
     tokens[split] = TokenPairs(ids, kept, prep.tables)
     st = stats[split]
     for k, side in enumerate(("src", "tgt")):
-      size = len(prep.tables[k])
-      if split == "train":
-        counts = prep.train_counts[k] - ids.dropped_counts(k, size, train_dropped)
-      else:
-        counts = ids.counts(k, size, dropped[split])
-      st[f"{side}_tokens"] = int(counts.sum())
-      st[f"{side}_oov"] = float(counts[lookups[k] == UNK_ID].sum()) / max(int(counts.sum()), 1)
+      c = counts[split][k]
+      st[f"{side}_tokens"] = int(c.sum())
+      st[f"{side}_oov"] = float(c[lookups[k] == UNK_ID].sum()) / max(int(c.sum()), 1)
     logging.info("data %s: %d source / %d target tokens, OOV rate source %.4f, target %.4f",
                  split, st["src_tokens"], st["tgt_tokens"], st["src_oov"], st["tgt_oov"])
   logging.info("data: corpus ready in %.1f s", time.perf_counter() - t0)

@@ -72,13 +72,6 @@ class SplitIds:
     off = self.offsets[side]
     return self.ids[side][off[i]:off[i + 1]]
 
-  def counts(self, side: int, size: int, drop: np.ndarray | None = None) -> np.ndarray:
-    """Token counts (by store id) over the split's sentences, less those of rows `drop`."""
-    counts = np.bincount(self.ids[side], minlength=size).astype(np.int64)
-    if drop is not None and len(drop):
-      counts -= self.dropped_counts(side, size, drop)
-    return counts
-
   def dropped_counts(self, side: int, size: int, drop: np.ndarray) -> np.ndarray:
     """Token counts (by store id) over the sentences of rows `drop`."""
     off = self.offsets[side]
@@ -99,23 +92,33 @@ class Prepared:
 
   specials: tuple[dict[str, int], dict[str, int]]  # text tokens that spell a special -> store id
 
-  def vocab(self, side: int, max_size: int, drop: np.ndarray | None = None) -> Vocab:
-    """The `max_size` most frequent training tokens (ties: code point order), as Vocab.build
-    gives on the training pairs that remain after dropping the rows `drop`."""
-    counts = self.train_counts[side].copy()
-    if drop is not None and len(drop):
-      counts -= self.splits["train"].dropped_counts(side, len(counts), drop)
-    counts[list(self.specials[side].values())] = 0  # spelled specials are unknown words
+  def kept_counts(self, split: str, side: int, drop: np.ndarray) -> np.ndarray:
+    """Token counts (by store id) over a split's sentences, less those of rows `drop`."""
+    ids, size = self.splits[split], len(self.tables[side])
+    if split == "train":
+      counts = self.train_counts[side].copy()  # counted once, when the corpus was prepared
+    else:
+      counts = np.bincount(ids.ids[side], minlength=size).astype(np.int64)
+    if len(drop):
+      counts -= ids.dropped_counts(side, size, drop)
+    return counts
+
+  def _by_frequency(self, side: int, counts: np.ndarray) -> np.ndarray:
+    """Store ids of the tokens with counts > 0, most frequent first (ties: code point order)."""
     seen = np.flatnonzero(counts > 0)
-    order = seen[np.lexsort((self.ranks[side][seen], -counts[seen]))][:max(max_size, 0)]
-    table = self.tables[side]
-    return Vocab(list(SPECIALS) + [table[i] for i in order])
+    return seen[np.lexsort((self.ranks[side][seen], -counts[seen]))]
+
+  def vocab(self, side: int, max_size: int, train_counts: np.ndarray) -> Vocab:
+    """The `max_size` most frequent tokens by `train_counts` (the kept training pairs'), as
+    Vocab.build gives on those pairs: spelled-out specials are unknown words, never kept."""
+    counts = train_counts.copy()
+    counts[list(self.specials[side].values())] = 0
+    order = self._by_frequency(side, counts)[:max(max_size, 0)]
+    return Vocab(list(SPECIALS) + [self.tables[side][i] for i in order])
 
   def word_ranks(self, side: int) -> dict[str, int]:
     """Frequency rank of every training token (1 = most frequent; ties: code point order)."""
-    counts = self.train_counts[side]
-    seen = np.flatnonzero(counts > 0)
-    order = seen[np.lexsort((self.ranks[side][seen], -counts[seen]))]
+    order = self._by_frequency(side, self.train_counts[side])
     return {self.tables[side][i]: r for r, i in enumerate(order.tolist(), 1)}
 
   def lookup(self, side: int, vocab: Vocab) -> np.ndarray:
@@ -213,23 +216,40 @@ def _in_order(pool, chunks: Iterator[sources.Chunk], window: int) -> Iterator:
     yield pending.popleft().get()
 
 
-class _SideWriter:
-  """Appends a split's sentences (with chunk-local ids) to its file in store ids."""
+class _Table:
+  """One side's token table, grown chunk by chunk, and its tokens' training-split counts."""
 
-  def __init__(self, path: str, index: dict[str, int]):
-    self.path, self.index = path, index
+  def __init__(self):
+    self.index: dict[str, int] = {}
+    self.counts = np.zeros(1 << 16, np.int64)
+
+  def store_ids(self, table: list[str], ids: np.ndarray, count: bool) -> np.ndarray:
+    """Chunk-local ids (of the chunk's `table`) as store ids; `count`: add them to the counts."""
+    index = self.index
+    remap = np.fromiter((index.setdefault(t, len(index)) for t in table), np.uint32, len(table))
+    if count:
+      if len(index) > len(self.counts):  # grow by doubling: amortised O(1) a new token
+        grown = np.zeros(max(len(index), 2 * len(self.counts)), np.int64)
+        grown[:len(self.counts)] = self.counts
+        self.counts = grown
+      self.counts[remap] += np.bincount(ids, minlength=len(table))  # remap has no repeats
+    return remap[ids]
+
+
+class _SideWriter:
+  """Appends a split's sentences, in store ids, to its file."""
+
+  def __init__(self, path: str, table: _Table, count: bool):
+    self.table, self.count = table, count
     self.file = open(path, "wb")
     self.lengths: list[np.ndarray] = []
     self.tokens = 0
 
-  def add(self, table: list[str], ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    index = self.index
-    remap = np.fromiter((index.setdefault(t, len(index)) for t in table), np.uint32, len(table))
-    store = remap[ids]
+  def add(self, table: list[str], ids: np.ndarray, lengths: np.ndarray) -> None:
+    store = self.table.store_ids(table, ids, self.count)
     self.file.write(store.tobytes())
     self.lengths.append(lengths)
     self.tokens += len(store)
-    return store
 
   def close(self) -> np.ndarray:
     self.file.close()
@@ -247,8 +267,7 @@ def _check_tokens(table: list[str], path: str) -> None:
 
 def _write_prepared(tmp: str, streams: dict[str, sources.Stream], cfg: DataConfig,
                     model_dir: str | None, workers: int, progress: bool) -> dict:
-  indices: tuple[dict[str, int], dict[str, int]] = ({}, {})
-  train_counts = [np.zeros(0, np.int64), np.zeros(0, np.int64)]
+  tables = (_Table(), _Table())
   meta: dict = {"format": FORMAT_VERSION, "tokenizer": cfg.tokenizer, "splits": {},
                 "specials": {}}
   total = sum(len(s) for s in streams.values())
@@ -267,15 +286,11 @@ def _write_prepared(tmp: str, streams: dict[str, sources.Stream], cfg: DataConfi
       _init_worker(*init)
       run = lambda chunks: map(tokenize_chunk, chunks)
     for split, stream in streams.items():
-      writers = [_SideWriter(os.path.join(tmp, f"{split}.{s}.ids"), indices[k])
+      writers = [_SideWriter(os.path.join(tmp, f"{split}.{s}.ids"), tables[k], split == "train")
                  for k, s in enumerate(SIDES)]
       for result in run(stream.chunks(CHUNK_PAIRS)):
-        for k, (table, ids, lengths) in enumerate(result):
-          store = writers[k].add(table, ids, lengths)
-          if split == "train":
-            counts = np.bincount(store, minlength=len(indices[k]))
-            counts[:len(train_counts[k])] += train_counts[k]
-            train_counts[k] = counts
+        for writer, (table, ids, lengths) in zip(writers, result):
+          writer.add(table, ids, lengths)
         if bar is not None:
           bar.update(len(result[0][2]))
       sizes = {}
@@ -291,7 +306,8 @@ def _write_prepared(tmp: str, streams: dict[str, sources.Stream], cfg: DataConfi
     if bar is not None:
       bar.close()
   for k, s in enumerate(SIDES):
-    table = list(indices[k])
+    index = tables[k].index
+    table = list(index)
     path = os.path.join(tmp, f"tokens.{s}.txt")
     _check_tokens(table, path)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -300,10 +316,11 @@ def _write_prepared(tmp: str, streams: dict[str, sources.Stream], cfg: DataConfi
     rank[sorted(range(len(table)), key=table.__getitem__)] = np.arange(len(table), dtype=np.uint32)
     np.save(os.path.join(tmp, f"rank.{s}.npy"), rank)
     counts = np.zeros(len(table), np.int64)
-    counts[:len(train_counts[k])] = train_counts[k]
+    n = min(len(table), len(tables[k].counts))
+    counts[:n] = tables[k].counts[:n]
     np.save(os.path.join(tmp, f"counts.{s}.npy"), counts)
     meta[f"{s}_table"] = len(table)
-    meta["specials"][s] = {t: indices[k][t] for t in SPECIALS if t in indices[k]}
+    meta["specials"][s] = {t: index[t] for t in SPECIALS if t in index}
   return meta
 
 

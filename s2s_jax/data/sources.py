@@ -99,18 +99,7 @@ def read_lines(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise DataError(f"{path}: file not found")
   with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = raw.count(b"\n", 0, e.start) + 1
-    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-    raise DataError(f"{path}: line {line}: invalid UTF-8 ({e.reason} at byte {column} of the "
-                    "line); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-  lines = text.removeprefix("\ufeff").split("\n")
-  if lines[-1] == "":
-    lines.pop()
-  return [line.strip() for line in lines]
+    return [_decode_line(raw, path, number) for number, raw in enumerate(f, 1)]
 
 
 def _languages_in(folder: str) -> list[str]:
