@@ -1,12 +1,16 @@
 """Corpus preparation at scale: pairs/s, time to first batch, memory, for N pairs.
 
   python -m benchmarks.data --pairs 200000,1000000,4000000 [--from DIR] [--tokenizer moses]
+                            [--first-step]
 
 Builds a text corpus of N training pairs (the lines of DIR's train.{en,fr} repeated, or the
 embedded grammar's pairs when no DIR is given) in a temporary folder, then in fresh processes:
   first   load_corpus with an empty data store: streaming, tokenizing in a process pool,
           writing the memory-mapped arrays, vocabularies, the first training batch;
   reused  the same in a new process and a new WORKDIR, with the store now filled.
+  step    (--first-step) experiments.wmt14's paper preset on that prepared corpus, in a new
+          process and WORKDIR: seconds from the start of train() to the end of its first
+          step (corpus, vocabularies, model initialization, compilation, one step).
 Reports seconds, pairs/s, peak resident memory of the main process, and the corpus memory
 per token (resident growth after load_corpus, and after every token id has been read once),
 then the growth between sizes and the extrapolation to 12M and 40M pairs.
@@ -83,8 +87,24 @@ def child(args) -> None:
                     "tokens": tokens, "pairs": len(train)}))
 
 
-def run_child(folder: str, store: str, workdir: str, tokenizer: str) -> dict:
-  out = subprocess.run([sys.executable, "-m", "benchmarks.data", "--child", "--folder", folder,
+def first_step(args) -> None:
+  """The paper preset's first step on the prepared corpus, in this process; prints JSON."""
+  import dataclasses
+  from experiments import wmt14
+  from s2s_jax import train
+  cfg = wmt14.config()
+  cfg = dataclasses.replace(
+      cfg, data=dataclasses.replace(cfg.data, source="text", path=args.folder,
+                                    tokenizer=args.tokenizer, prepared_dir=args.store,
+                                    max_eval_sentences=8),
+      train=dataclasses.replace(cfg.train, num_steps=1, eval_every=0, log_every=1))
+  result = train.train(cfg, args.workdir, progress=False)
+  print(json.dumps({"seconds_to_first_step": result["seconds_to_first_step"],
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_child(folder: str, store: str, workdir: str, tokenizer: str, mode: str = "--child") -> dict:
+  out = subprocess.run([sys.executable, "-m", "benchmarks.data", mode, "--folder", folder,
                         "--store", store, "--workdir", workdir, "--tokenizer", tokenizer],
                        check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -95,18 +115,24 @@ def main() -> None:
   p.add_argument("--pairs", default="200000,1000000,4000000", help="comma-separated sizes")
   p.add_argument("--from", dest="source", default="", help="text folder with train.{en,fr}")
   p.add_argument("--tokenizer", default="none", help="none | moses")
+  p.add_argument("--first-step", action="store_true",
+                 help="also time the paper preset's first step on each prepared corpus")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--step-child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--folder", help=argparse.SUPPRESS)
   p.add_argument("--store", help=argparse.SUPPRESS)
   p.add_argument("--workdir", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     return child(args)
+  if args.step_child:
+    return first_step(args)
   rows = []
   print(f"tokenizer={args.tokenizer}, {os.cpu_count()} CPUs, corpus from "
         f"{args.source or 'the embedded grammar'}")
   print(f"{'pairs':>9} {'words/sent':>10} {'first s':>8} {'pairs/s':>8} {'reused s':>8} "
-        f"{'1st batch s':>11} {'peak MB':>8} {'B/token':>8} {'B/token read':>12}")
+        f"{'1st batch s':>11} {'peak MB':>8} {'B/token':>8} {'B/token read':>12}"
+        + (f" {'1st step s':>10}" if args.first_step else ""))
   for n in [int(x) for x in args.pairs.split(",")]:
     tmp = tempfile.mkdtemp(prefix="s2s_data_bench_")
     try:
@@ -115,21 +141,25 @@ def main() -> None:
       first = run_child(os.path.join(tmp, "text"), store, os.path.join(tmp, "wd1"), args.tokenizer)
       reused = run_child(os.path.join(tmp, "text"), store, os.path.join(tmp, "wd2"),
                          args.tokenizer)
+      step = (run_child(os.path.join(tmp, "text"), store, os.path.join(tmp, "wd3"),
+                        args.tokenizer, "--step-child") if args.first_step else None)
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
-    rows.append((n, first, reused))
+    rows.append((n, first, reused, step))
     print(f"{n:>9} {words:>10.1f} {first['seconds_corpus']:>8.1f} "
           f"{n / first['seconds_corpus']:>8.0f} {reused['seconds_corpus']:>8.2f} "
           f"{reused['seconds_first_batch']:>11.2f} {max(first['peak_rss_mb'], reused['peak_rss_mb']):>8.0f} "
-          f"{reused['bytes_per_token_loaded']:>8.2f} {reused['bytes_per_token_all_read']:>12.2f}",
-          flush=True)
+          f"{reused['bytes_per_token_loaded']:>8.2f} {reused['bytes_per_token_all_read']:>12.2f}"
+          + (f" {step['seconds_to_first_step']:>10.1f}" if step else ""), flush=True)
   if len(rows) > 1:
-    (n0, f0, r0), (n1, f1, r1) = rows[0], rows[-1]
+    (n0, f0, r0, s0), (n1, f1, r1, s1) = rows[0], rows[-1]
     grow = lambda a, b: (np.log(b) - np.log(a)) / (np.log(n1) - np.log(n0))
     e_first = grow(f0["seconds_corpus"], f1["seconds_corpus"])
     e_reused = grow(r0["seconds_first_batch"], r1["seconds_first_batch"])
     print(f"growth exponent (time ~ N^k) from {n0} to {n1}: first k={e_first:.2f}, "
-          f"reused to first batch k={e_reused:.2f}")
+          f"reused to first batch k={e_reused:.2f}"
+          + (f", paper preset's first step k="
+             f"{grow(s0['seconds_to_first_step'], s1['seconds_to_first_step']):.2f}" if s0 else ""))
     rate = n1 / f1["seconds_corpus"]
     for big in (12_000_000, 40_000_000):
       reuse = r1["seconds_first_batch"] * (big / n1) ** max(e_reused, 0)

@@ -237,6 +237,7 @@ def resolve_compute_dtype(cfg: Config, workdir: str) -> Config:
 
 def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`. Returns the final metrics."""
+  t_start = time.perf_counter()
   parallel.initialize(cfg.parallel)  # multi-host: before anything touches a device
   cfg = resolve_compute_dtype(cfg, workdir)
   layout = parallel.make_layout(cfg.parallel, {"train.batch_size": cfg.train.batch_size,
@@ -368,6 +369,10 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict[str, Any]:
       words += count_words(batch)
       state, metrics = train_fn(state, batch)
       step += 1
+      if step == start_step + 1:  # data, initialization, compilation and one step
+        jax.block_until_ready(metrics)
+        result["seconds_to_first_step"] = time.perf_counter() - t_start
+        logging.info("first step done %.1f s after start", result["seconds_to_first_step"])
       if previous is not None:
         check_finite(*previous)
       previous = (metrics, step, position)

@@ -32,6 +32,11 @@ if "S2S_JAX_DATA" not in os.environ:
 import pytest  # noqa: E402
 
 
+def corpora(store) -> list[str]:
+  """The prepared corpora (and SentencePiece folders) in a data store, without its hash file."""
+  return sorted(d for d in os.listdir(store) if d != "text-hashes.json")
+
+
 def write_toy_corpus(folder: str, sizes=(("train", 600), ("valid", 60), ("test", 60)),
                      seed: int = 0, num_words: int = 12) -> str:
   """A tiny word-for-word 'translation' task (w3 w7 -> f3 f7) as a text-source folder."""

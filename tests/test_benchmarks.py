@@ -72,3 +72,11 @@ def test_xla_extra_bytes_leaves_out_arguments_and_donated_outputs():
   donated = jax.jit(f, donate_argnums=0).lower(x).compile().memory_analysis()
   assert xla_extra_bytes(fresh) == 256 * 256 * 4  # a new output buffer
   assert xla_extra_bytes(donated) == 0  # written over the donated argument
+
+
+def test_moses_benchmark_checks_both_tokenizers_agree(monkeypatch, capsys):
+  from benchmarks import moses as bench
+  monkeypatch.setattr("sys.argv", ["moses", "--sentences", "200"])
+  bench.main()
+  rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+  assert [r[0] for r in rows] == ["en", "fr"] and all(r[-1] == "True" for r in rows)

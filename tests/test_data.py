@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import corpora
 from s2s_jax.config import DataConfig
 from s2s_jax.data import pipeline, sources, synthetic, tokenize
 from s2s_jax.data.sources import DataError
@@ -177,7 +178,7 @@ def test_prepared_corpus_is_made_once_shared_by_workdirs_and_follows_the_text(tm
   cfg = text_cfg(folder, tokenizer="moses", prepared_dir=str(tmp_path / "store"))
   first = pipeline.load_corpus(cfg, wd)
   assert os.path.exists(os.path.join(wd, pipeline.SRC_VOCAB_FILE))
-  assert len(os.listdir(tmp_path / "store")) == 1  # one prepared corpus, no leftovers
+  assert len(corpora(tmp_path / "store")) == 1  # one prepared corpus, no leftovers
   caplog.clear()
   with caplog.at_level(logging.INFO):
     second = pipeline.load_corpus(cfg, wd)
@@ -191,7 +192,7 @@ def test_prepared_corpus_is_made_once_shared_by_workdirs_and_follows_the_text(tm
   caplog.clear()
   with caplog.at_level(logging.INFO):
     third = pipeline.load_corpus(cfg, wd)
-  assert "prepared 4 pairs" in caplog.text and len(os.listdir(tmp_path / "store")) == 2
+  assert "prepared 4 pairs" in caplog.text and len(corpora(tmp_path / "store")) == 2
   assert third.tokens["train"][0] == (["Hello", ",", "there", "!"], ["Salut", "!"])
   with pytest.raises(DataError, match="fresh WORKDIR"):
     pipeline.load_corpus(text_cfg(folder, tokenizer="moses", src_vocab_size=1), wd)
@@ -266,6 +267,49 @@ def test_shuffling_is_seeded_and_changes_between_epochs():
   a, b, c = two_epochs(0), two_epochs(0), two_epochs(1)
   assert a == b and a != c
   assert a[:13] != a[13:]  # epoch 1 is not a replay of epoch 0
+
+
+def _lexsort_plan(lengths, batch_size, bounds, rng):
+  """The epoch plan as first written: one lexsort, a bisect per batch."""
+  import bisect
+  order = np.lexsort((rng.random(len(lengths)), lengths))
+  batches = [(bounds[bisect.bisect_left(bounds, int(lengths[order[s:s + batch_size][-1]]))],
+              order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
+  return [batches[i] for i in rng.permutation(len(batches))]
+
+
+@pytest.mark.parametrize("top", [7, 300, 70_000])  # lengths sorted as uint8, uint16, uint32
+def test_epoch_plan_equals_the_lexsort_formulation(top):
+  lengths = np.random.default_rng(top).integers(1, top, 5000)
+  lengths[::7] = 3  # many ties, broken by the seeded random keys
+  ex = [([4] * int(n), [EOS_ID]) for n in lengths]
+  bounds = pipeline.bucket_lengths(int(lengths.max()), 2, 0.1)
+  for seed in range(3):
+    got = pipeline.bucketed_batches(ex, 32, 2, np.random.default_rng([seed, 1]), 0.1, lengths)
+    want = _lexsort_plan(lengths, 32, bounds, np.random.default_rng([seed, 1]))
+    assert [(n, list(i)) for n, i in got] == [(n, list(i)) for n, i in want]
+
+
+class _CoarseRng:
+  """A generator whose random keys repeat (one of 8 values), to take the equal-keys path."""
+
+  def __init__(self, seed):
+    self.rng = np.random.default_rng(seed)
+
+  def random(self, n):
+    return self.rng.integers(0, 8, n) / 8.0
+
+  def permutation(self, n):
+    return self.rng.permutation(n)
+
+
+def test_epoch_plan_equals_the_lexsort_formulation_when_keys_repeat():
+  lengths = np.random.default_rng(5).integers(1, 20, 3000)
+  ex = [([4] * int(n), [EOS_ID]) for n in lengths]
+  bounds = pipeline.bucket_lengths(int(lengths.max()), 2, 0.1)
+  got = pipeline.bucketed_batches(ex, 16, 2, _CoarseRng(0), 0.1, lengths)
+  want = _lexsort_plan(lengths, 16, bounds, _CoarseRng(0))
+  assert [(n, list(i)) for n, i in got] == [(n, list(i)) for n, i in want]
 
 
 def test_padding_fraction_on_a_hand_made_case():

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from conftest import write_toy_corpus
+from conftest import corpora, write_toy_corpus
 from s2s_jax.config import DataConfig
-from s2s_jax.data import pipeline, prepared, tokenize
+from s2s_jax.data import pipeline, prepared, sources, tokenize
 from s2s_jax.data.sources import DataError
 from s2s_jax.data.vocab import EOS_ID, Vocab
 
@@ -117,7 +117,7 @@ def test_an_interrupted_preparation_is_never_taken_as_complete(tmp_path, monkeyp
   monkeypatch.setattr(prepared, "tokenize_chunk", dies)
   with pytest.raises(KeyboardInterrupt):
     pipeline.load_corpus(cfg, None)
-  assert os.listdir(tmp_path / "store") == []
+  assert corpora(tmp_path / "store") == []
   # a preparation killed hard (no clean-up) leaves a folder that is not used, then removed
   monkeypatch.setattr(prepared, "tokenize_chunk", real)
   c = pipeline.load_corpus(cfg, None)
@@ -126,21 +126,21 @@ def test_an_interrupted_preparation_is_never_taken_as_complete(tmp_path, monkeyp
   os.rename(c.prepared.folder, dead)
   os.remove(dead / "meta.json")
   c2 = pipeline.load_corpus(cfg, None)
-  assert sorted(os.listdir(tmp_path / "store")) == [name] and c2.examples == c.examples
+  assert sorted(corpora(tmp_path / "store")) == [name] and c2.examples == c.examples
 
 
 def test_sentencepiece_models_are_trained_once_and_copied_into_each_workdir(tmp_path):
   folder = write_toy_corpus(str(tmp_path / "c"), num_words=40)
   cfg = cfg_for(folder, tmp_path / "store", tokenizer="sentencepiece", spm_vocab_size=30)
   a = pipeline.load_corpus(cfg, str(tmp_path / "wd1"))
-  spm = [d for d in os.listdir(tmp_path / "store") if d.startswith("spm-")]
+  spm = [d for d in corpora(tmp_path / "store") if d.startswith("spm-")]
   assert len(spm) == 1
   stamps = {f: os.stat(tmp_path / "store" / spm[0] / f).st_mtime_ns
             for f in os.listdir(tmp_path / "store" / spm[0])}
   b = pipeline.load_corpus(cfg, str(tmp_path / "wd2"))
   assert stamps == {f: os.stat(tmp_path / "store" / spm[0] / f).st_mtime_ns
                     for f in os.listdir(tmp_path / "store" / spm[0])}  # not trained again
-  assert len([d for d in os.listdir(tmp_path / "store") if not d.startswith("spm-")]) == 1
+  assert len([d for d in corpora(tmp_path / "store") if not d.startswith("spm-")]) == 1
   for lang in ("en", "fr"):
     with open(tokenize.spm_model_path(str(tmp_path / "wd1"), lang), "rb") as f1, \
          open(tokenize.spm_model_path(str(tmp_path / "wd2"), lang), "rb") as f2:
@@ -162,3 +162,23 @@ def test_prepare_data_flag_prepares_and_stops(tmp_path, capsys):
   assert out["stats"]["train"]["pairs"] == 600
   assert os.path.exists(tmp_path / "wd" / pipeline.SRC_VOCAB_FILE)
   assert not os.path.exists(tmp_path / "wd" / "checkpoints")
+
+
+def test_text_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+  folder = write_toy_corpus(str(tmp_path / "c"), sizes=(("train", 30), ("valid", 5), ("test", 5)))
+  cfg = cfg_for(folder, tmp_path / "store")
+  first = sources.open_streams(cfg, str(tmp_path / "store"))[1]
+  assert (tmp_path / "store" / sources.HASHES_FILE).exists()
+  read = []
+  real = sources._count_and_hash
+  monkeypatch.setattr(sources, "_count_and_hash", lambda p: read.append(p) or real(p))
+  assert sources.open_streams(cfg, str(tmp_path / "store"))[1] == first and read == []
+  with open(os.path.join(folder, "train.fr"), "a") as f:
+    f.write("extra\n")
+  with open(os.path.join(folder, "train.en"), "a") as f:
+    f.write("extra\n")
+  again = sources.open_streams(cfg, str(tmp_path / "store"))
+  assert again[1] != first and again[0]["train"].size == 31
+  assert sorted(os.path.basename(p) for p in read) == ["train.en", "train.fr"]
+  (tmp_path / "store" / sources.HASHES_FILE).write_text("{not json")  # damaged: hashed again
+  assert sources.open_streams(cfg, str(tmp_path / "store"))[1] == again[1]

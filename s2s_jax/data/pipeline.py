@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import collections.abc
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -254,7 +255,7 @@ def load_corpus(cfg: DataConfig, workdir: str | None, progress: bool = False) ->
   bar while preparing.
   """
   t0 = time.perf_counter()
-  streams, identity = sources.open_streams(cfg)
+  streams, identity = sources.open_streams(cfg, prepared_lib.store_dir(cfg))
   model_dir = _spm_models(cfg, workdir, streams, identity)
   prep = prepared_lib.prepare(cfg, streams, identity, model_dir, progress)
   rows, dropped, stats = {}, {}, {}
@@ -371,23 +372,33 @@ def bucketed_batches(examples: Sequence[Example], batch_size: int, bucket_width:
     lengths = example_lengths(examples)
   if rng is None:
     order = np.argsort(lengths, kind="stable")
-  else:
-    order = np.lexsort((rng.random(len(lengths)), lengths))
+  else:  # == np.lexsort((rng.random(n), lengths)) in two sorts, each several times faster
+    keys = rng.random(len(lengths))
+    ties = np.argsort(keys)  # not stable, which only equal keys could tell: then sort again
+    if len(keys) > 1 and not (keys[ties[1:]] > keys[ties[:-1]]).all():
+      ties = np.argsort(keys, kind="stable")
+    order = ties[np.argsort(_small_ints(lengths)[ties], kind="stable")]  # radix: small ints
   bounds = bucket_lengths(int(lengths.max()) if len(lengths) else 1, bucket_width, bucket_growth)
-  batches = []
-  for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
-    batches.append((bounds[bisect.bisect_left(bounds, int(lengths[idx[-1]]))], idx))
+  starts = range(0, len(order), batch_size)
+  last = lengths[order[np.minimum(np.asarray(starts) + batch_size, len(order)) - 1]]
+  padded = np.asarray(bounds)[np.searchsorted(bounds, last, side="left")]
+  batches = [(int(length), order[start:start + batch_size]) for start, length in zip(starts, padded)]
   if rng is not None:
     batches = [batches[i] for i in rng.permutation(len(batches))]
   return batches
+
+
+def _small_ints(values: np.ndarray) -> np.ndarray:
+  """`values` (>= 0) in the smallest unsigned type that holds them."""
+  top = int(values.max()) if len(values) else 0
+  return values.astype(np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.uint32)
 
 
 def padding_fraction(examples: Sequence[Example], batches: Sequence[tuple[int, Sequence[int]]],
                      batch_size: int) -> float:
   """Share of padded (src + tgt) positions in `batches`, empty rows included."""
   if isinstance(examples, Examples):
-    real = sum(examples.num_tokens(b) for _, b in batches)
+    real = examples.num_tokens(np.concatenate([b for _, b in batches])) if batches else 0
   else:
     real = sum(len(examples[i][0]) + len(examples[i][1]) for _, b in batches for i in b)
   total = sum(2 * length * batch_size for length, _ in batches)
@@ -399,7 +410,9 @@ class BatchIterator:
 
   `state()` is a small dict saved with checkpoints; `restore(state)` makes the iterator yield
   exactly the batches an uninterrupted run would have yielded next. An epoch has the same
-  batch lengths every time (`shapes`); only which sentences share a batch changes.
+  batch lengths every time (`shapes`); only which sentences share a batch changes. An epoch's
+  plan (a sort of every example) is made in a background thread, so that on a large corpus it
+  overlaps the model's initialization and compilation; the first batch waits for it.
   """
 
   def __init__(self, examples: Sequence[Example], batch_size: int, bucket_width: int, seed: int,
@@ -411,24 +424,43 @@ class BatchIterator:
     self.bucket_growth, self.rows = bucket_growth, rows  # rows: the batch rows this host fills
     self._lengths = example_lengths(self.examples)
     self.epoch, self.index = 0, 0
-    self._plan = self._epoch_plan(0)
-    self.shapes = sorted({length for length, _ in self._plan})
+    self._planner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epoch-plan")
+    self._plan_of = (0, self._planner.submit(self._epoch_plan, 0))
+    # Batch lengths do not depend on the shuffle: the sorted lengths, cut every batch_size.
+    lengths = np.sort(_small_ints(self._lengths))
+    bounds = bucket_lengths(int(lengths[-1]), bucket_width, bucket_growth)
+    last = lengths[np.minimum(np.arange(batch_size, len(lengths) + batch_size, batch_size),
+                              len(lengths)) - 1]
+    self._batch_lengths = np.asarray(bounds)[np.searchsorted(bounds, last, side="left")]
+    self.shapes = sorted({int(n) for n in self._batch_lengths})
     logging.info("batches: %d per epoch of %d sentences, %d padded lengths %s (the compiled "
-                 "shapes), padding fraction %.3f", len(self._plan), batch_size, len(self.shapes),
-                 self.shapes, self.padding_fraction())
+                 "shapes), padding fraction %.3f", self.batches_per_epoch, batch_size,
+                 len(self.shapes), self.shapes, self.padding_fraction())
 
   def _epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
     rng = np.random.default_rng([self.seed, epoch])
     return bucketed_batches(self.examples, self.batch_size, self.bucket_width, rng,
                             self.bucket_growth, self._lengths)
 
+  def _plan(self) -> list[tuple[int, np.ndarray]]:
+    """This epoch's plan (made once per epoch, in the background thread)."""
+    epoch, future = self._plan_of
+    if epoch != self.epoch:
+      future.cancel()
+      self._plan_of = epoch, future = self.epoch, self._planner.submit(self._epoch_plan, self.epoch)
+    return future.result()
+
   @property
   def batches_per_epoch(self) -> int:
-    return len(self._plan)
+    return len(self._batch_lengths)
 
   def padding_fraction(self) -> float:
     """Share of padded (src + tgt) positions in an epoch's batches, empty rows included."""
-    return padding_fraction(self.examples, self._plan, self.batch_size)
+    if isinstance(self.examples, Examples):
+      real = self.examples.num_tokens(slice(None))
+    else:
+      real = sum(len(s) + len(t) for s, t in self.examples)
+    return 1.0 - real / max(int(self._batch_lengths.sum()) * 2 * self.batch_size, 1)
 
   def state(self) -> dict[str, int]:
     return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
@@ -442,16 +474,17 @@ class BatchIterator:
                        f"the corpus now has {len(self.examples)}: the data changed since the "
                        "checkpoint")
     self.epoch, self.index = int(state["epoch"]), int(state["index"])
-    self._plan = self._epoch_plan(self.epoch)
+    if self._plan_of[0] != self.epoch:  # start this epoch's plan now, in the background
+      self._plan_of[1].cancel()
+      self._plan_of = self.epoch, self._planner.submit(self._epoch_plan, self.epoch)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self.index >= len(self._plan):
+    if self.index >= self.batches_per_epoch:
       self.epoch, self.index = self.epoch + 1, 0
-      self._plan = self._epoch_plan(self.epoch)
-    length, idx = self._plan[self.index]
+    length, idx = self._plan()[self.index]
     self.index += 1
     return batch_of(self.examples, idx, self.batch_size, length, self.rows)
 

@@ -12,7 +12,9 @@ for the splits train, valid and test (surrounding whitespace stripped, nothing e
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
 from typing import Any, Iterator, Sequence
 
 from s2s_jax.config import DataConfig
@@ -61,10 +63,12 @@ def _list_stream(pairs: Sequence[tuple[str, str]]) -> Stream:
   return Stream(len(pairs), lambda n: (list(pairs[i:i + n]) for i in range(0, len(pairs), n)))
 
 
-def open_streams(cfg: DataConfig) -> tuple[dict[str, Stream], str]:
+def open_streams(cfg: DataConfig, store: str | None = None) -> tuple[dict[str, Stream], str]:
   """({split: Stream}, identity): the splits as streams, and a string that changes whenever
   the text could (file contents for text, builder version and sizes for tfds, generator
-  settings and code for synthetic). Reads text files once, to count and hash their lines."""
+  settings and code for synthetic). Text files are read once to count and hash their lines;
+  with a data `store`, the result is kept there for as long as the file's size, modification
+  and change times and inode stay the same."""
   if cfg.source == "synthetic":
     from s2s_jax.data import synthetic
     with open(synthetic.__file__, "rb") as f:
@@ -79,7 +83,8 @@ def open_streams(cfg: DataConfig) -> tuple[dict[str, Stream], str]:
     streams, parts = {}, ["text"]
     for split in SPLITS:
       src_path, tgt_path = _text_paths(folder, split, cfg.src_lang, cfg.tgt_lang)
-      (n_src, h_src), (n_tgt, h_tgt) = _count_and_hash(src_path), _count_and_hash(tgt_path)
+      (n_src, h_src), (n_tgt, h_tgt) = (_count_and_hash_cached(path, store)
+                                        for path in (src_path, tgt_path))
       if n_src != n_tgt:
         raise DataError(f"{src_path} has {n_src} lines but {tgt_path} has {n_tgt}: "
                         "a parallel corpus needs one target line per source line")
@@ -127,6 +132,43 @@ def _count_and_hash(path: str, block: int = 1 << 24) -> tuple[int, str]:
       lines += data.count(b"\n")
       last = data[-1:]
   return lines + (last != b"\n"), h.hexdigest()
+
+
+HASHES_FILE = "text-hashes.json"  # in the data store: {path: [stat key, lines, sha256]}
+
+
+def _stat_key(path: str) -> list[int]:
+  st = os.stat(path)
+  return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _count_and_hash_cached(path: str, store: str | None) -> tuple[int, str]:
+  """`_count_and_hash`, remembered in `store` for an unchanged file (same `_stat_key`)."""
+  if not store:
+    return _count_and_hash(path)
+  path, cache = os.path.realpath(path), os.path.join(store, HASHES_FILE)
+  try:
+    with open(cache, encoding="utf-8") as f:
+      known = json.load(f)
+  except (OSError, ValueError):  # none yet, or unreadable: hash again and rewrite it
+    known = {}
+  key = _stat_key(path)
+  entry = known.get(path)
+  if isinstance(entry, list) and len(entry) == 3 and entry[0] == key:
+    return int(entry[1]), str(entry[2])
+  lines, digest = _count_and_hash(path)
+  if _stat_key(path) != key:  # changed while it was read: use the result, do not keep it
+    return lines, digest
+  known[path] = [key, lines, digest]
+  try:  # another host or run may write it too: each write is whole, the last one wins
+    os.makedirs(store, exist_ok=True)
+    tmp = f"{cache}.tmp-{socket.gethostname()}-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(known, f)
+    os.replace(tmp, cache)
+  except OSError:  # a read-only store still works; the files are hashed every time
+    pass
+  return lines, digest
 
 
 def _decode_line(raw: bytes, path: str, number: int) -> str:

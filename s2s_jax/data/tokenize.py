@@ -1,6 +1,7 @@
 """Tokenizers: Moses (sacremoses) for raw text, `none` for pre-tokenized corpora, or SentencePiece.
 
-- moses: `sacremoses` word tokenization (no XML escaping), Moses detokenization for output.
+- moses: Moses word tokenization (no XML escaping) by `moses.MosesTokenizer`, which gives
+  `sacremoses`' tokens several times faster; `sacremoses` detokenizes output.
 - none: split on whitespace; output tokens are joined with spaces (the paper's data was
   pre-tokenized, and its BLEU was computed on tokenized text).
 - sentencepiece: subword pieces of a model trained on the training split (`train_sentencepiece`,
@@ -15,6 +16,7 @@ import io
 import os
 from typing import Callable, Iterable, Sequence
 
+from s2s_jax.data import moses
 from s2s_jax.data.sources import DataError
 
 KINDS = ("moses", "none", "sentencepiece")
@@ -22,9 +24,9 @@ SPM_INPUT_SENTENCES = 2_000_000  # sentences sampled (seeded) to train a Sentenc
 
 
 @functools.lru_cache(maxsize=None)
-def _moses(lang: str):
+def _moses_detokenizer(lang: str):
   import sacremoses
-  return sacremoses.MosesTokenizer(lang=lang), sacremoses.MosesDetokenizer(lang=lang)
+  return sacremoses.MosesDetokenizer(lang=lang)
 
 
 def spm_model_path(workdir: str, lang: str) -> str:
@@ -88,8 +90,7 @@ def tokenizer(kind: str, lang: str, workdir: str | None = None) -> Callable[[str
   if kind == "none":
     return str.split
   if kind == "moses":
-    tok, _ = _moses(lang)
-    return lambda s: tok.tokenize(s, escape=False, aggressive_dash_splits=False)
+    return moses.tokenizer(lang).tokenize
   sp = _spm_from_file(spm_model_path(workdir, lang))
   return lambda s: sp.encode(s, out_type=str)
 
@@ -101,7 +102,7 @@ def detokenizer(kind: str, lang: str,
   if kind == "none":
     return " ".join
   if kind == "moses":
-    _, detok = _moses(lang)
+    detok = _moses_detokenizer(lang)
     return lambda toks: detok.detokenize(list(toks), unescape=False)
   sp = _spm_from_file(spm_model_path(workdir, lang))
   return lambda toks: sp.decode_pieces(list(toks))
