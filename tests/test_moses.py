@@ -40,7 +40,7 @@ def _reference(ref, text):
 
 
 def test_split_uses_the_whitespace_that_regex_backslash_s_matches():
-  every = moses._EVERY_CHAR
+  every = moses._every_char()
   assert re.findall(r"\s", every) == [c for c in every if c.isspace()]
   # The fast path skips the space passes for printable text: no printable space but " ".
   assert [c for c in every if c.isspace() and c.isprintable()] == [" "]

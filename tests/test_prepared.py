@@ -181,4 +181,7 @@ def test_text_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch
   assert again[1] != first and again[0]["train"].size == 31
   assert sorted(os.path.basename(p) for p in read) == ["train.en", "train.fr"]
   (tmp_path / "store" / sources.HASHES_FILE).write_text("{not json")  # damaged: hashed again
-  assert sources.open_streams(cfg, str(tmp_path / "store"))[1] == again[1]
+  read.clear()
+  assert sources.open_streams(cfg, str(tmp_path / "store"))[1] == again[1] and len(read) == 6
+  read.clear()  # and written back whole
+  assert sources.open_streams(cfg, str(tmp_path / "store"))[1] == again[1] and read == []

@@ -378,14 +378,21 @@ def bucketed_batches(examples: Sequence[Example], batch_size: int, bucket_width:
     if len(keys) > 1 and not (keys[ties[1:]] > keys[ties[:-1]]).all():
       ties = np.argsort(keys, kind="stable")
     order = ties[np.argsort(_small_ints(lengths)[ties], kind="stable")]  # radix: small ints
-  bounds = bucket_lengths(int(lengths.max()) if len(lengths) else 1, bucket_width, bucket_growth)
-  starts = range(0, len(order), batch_size)
-  last = lengths[order[np.minimum(np.asarray(starts) + batch_size, len(order)) - 1]]
-  padded = np.asarray(bounds)[np.searchsorted(bounds, last, side="left")]
-  batches = [(int(length), order[start:start + batch_size]) for start, length in zip(starts, padded)]
+  padded = batch_lengths(lengths[order], batch_size, bucket_width, bucket_growth)
+  batches = [(int(length), order[start:start + batch_size])
+             for start, length in zip(range(0, len(order), batch_size), padded)]
   if rng is not None:
     batches = [batches[i] for i in rng.permutation(len(batches))]
   return batches
+
+
+def batch_lengths(sorted_lengths: np.ndarray, batch_size: int, bucket_width: int,
+                  bucket_growth: float = DEFAULT_GROWTH) -> np.ndarray:
+  """The padded length of each batch when `sorted_lengths` are cut every `batch_size`."""
+  n = len(sorted_lengths)
+  bounds = bucket_lengths(int(sorted_lengths[-1]) if n else 1, bucket_width, bucket_growth)
+  last = sorted_lengths[np.minimum(np.arange(batch_size, n + batch_size, batch_size), n) - 1]
+  return np.asarray(bounds)[np.searchsorted(bounds, last, side="left")]
 
 
 def _small_ints(values: np.ndarray) -> np.ndarray:
@@ -397,12 +404,17 @@ def _small_ints(values: np.ndarray) -> np.ndarray:
 def padding_fraction(examples: Sequence[Example], batches: Sequence[tuple[int, Sequence[int]]],
                      batch_size: int) -> float:
   """Share of padded (src + tgt) positions in `batches`, empty rows included."""
-  if isinstance(examples, Examples):
-    real = examples.num_tokens(np.concatenate([b for _, b in batches])) if batches else 0
-  else:
-    real = sum(len(examples[i][0]) + len(examples[i][1]) for _, b in batches for i in b)
+  real = _num_tokens(examples, np.concatenate([b for _, b in batches]) if batches else [])
   total = sum(2 * length * batch_size for length, _ in batches)
   return 1.0 - real / max(total, 1)
+
+
+def _num_tokens(examples: Sequence[Example], idx: Sequence[int] | None = None) -> int:
+  """Source plus target positions of the examples `idx` (None: all of them)."""
+  if isinstance(examples, Examples):
+    return examples.num_tokens(slice(None) if idx is None else np.asarray(idx, np.int64))
+  chosen = examples if idx is None else (examples[i] for i in idx)
+  return sum(len(s) + len(t) for s, t in chosen)
 
 
 class BatchIterator:
@@ -425,13 +437,11 @@ class BatchIterator:
     self._lengths = example_lengths(self.examples)
     self.epoch, self.index = 0, 0
     self._planner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epoch-plan")
-    self._plan_of = (0, self._planner.submit(self._epoch_plan, 0))
+    self._plan_of: tuple[int, concurrent.futures.Future] | None = None
+    self._start_plan()
     # Batch lengths do not depend on the shuffle: the sorted lengths, cut every batch_size.
-    lengths = np.sort(_small_ints(self._lengths))
-    bounds = bucket_lengths(int(lengths[-1]), bucket_width, bucket_growth)
-    last = lengths[np.minimum(np.arange(batch_size, len(lengths) + batch_size, batch_size),
-                              len(lengths)) - 1]
-    self._batch_lengths = np.asarray(bounds)[np.searchsorted(bounds, last, side="left")]
+    self._batch_lengths = batch_lengths(np.sort(_small_ints(self._lengths)), batch_size,
+                                        bucket_width, bucket_growth)
     self.shapes = sorted({int(n) for n in self._batch_lengths})
     logging.info("batches: %d per epoch of %d sentences, %d padded lengths %s (the compiled "
                  "shapes), padding fraction %.3f", self.batches_per_epoch, batch_size,
@@ -442,13 +452,13 @@ class BatchIterator:
     return bucketed_batches(self.examples, self.batch_size, self.bucket_width, rng,
                             self.bucket_growth, self._lengths)
 
-  def _plan(self) -> list[tuple[int, np.ndarray]]:
-    """This epoch's plan (made once per epoch, in the background thread)."""
-    epoch, future = self._plan_of
-    if epoch != self.epoch:
-      future.cancel()
-      self._plan_of = epoch, future = self.epoch, self._planner.submit(self._epoch_plan, self.epoch)
-    return future.result()
+  def _start_plan(self) -> concurrent.futures.Future:
+    """The background job making this epoch's plan, started unless it already is."""
+    if self._plan_of is None or self._plan_of[0] != self.epoch:
+      if self._plan_of is not None:
+        self._plan_of[1].cancel()
+      self._plan_of = self.epoch, self._planner.submit(self._epoch_plan, self.epoch)
+    return self._plan_of[1]
 
   @property
   def batches_per_epoch(self) -> int:
@@ -456,11 +466,8 @@ class BatchIterator:
 
   def padding_fraction(self) -> float:
     """Share of padded (src + tgt) positions in an epoch's batches, empty rows included."""
-    if isinstance(self.examples, Examples):
-      real = self.examples.num_tokens(slice(None))
-    else:
-      real = sum(len(s) + len(t) for s, t in self.examples)
-    return 1.0 - real / max(int(self._batch_lengths.sum()) * 2 * self.batch_size, 1)
+    total = int(self._batch_lengths.sum()) * 2 * self.batch_size
+    return 1.0 - _num_tokens(self.examples) / max(total, 1)
 
   def state(self) -> dict[str, int]:
     return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
@@ -474,9 +481,7 @@ class BatchIterator:
                        f"the corpus now has {len(self.examples)}: the data changed since the "
                        "checkpoint")
     self.epoch, self.index = int(state["epoch"]), int(state["index"])
-    if self._plan_of[0] != self.epoch:  # start this epoch's plan now, in the background
-      self._plan_of[1].cancel()
-      self._plan_of = self.epoch, self._planner.submit(self._epoch_plan, self.epoch)
+    self._start_plan()
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -484,7 +489,7 @@ class BatchIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     if self.index >= self.batches_per_epoch:
       self.epoch, self.index = self.epoch + 1, 0
-    length, idx = self._plan()[self.index]
+    length, idx = self._start_plan().result()[self.index]
     self.index += 1
     return batch_of(self.examples, idx, self.batch_size, length, self.rows)
 

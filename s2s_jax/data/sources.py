@@ -80,16 +80,16 @@ def open_streams(cfg: DataConfig, store: str | None = None) -> tuple[dict[str, S
     return {s: _list_stream(splits[s]) for s in SPLITS}, ident
   if cfg.source == "text":
     folder = _text_folder(cfg.path, cfg.src_lang, cfg.tgt_lang)
-    streams, parts = {}, ["text"]
+    streams, parts, hashes = {}, ["text"], _HashCache(store)
     for split in SPLITS:
       src_path, tgt_path = _text_paths(folder, split, cfg.src_lang, cfg.tgt_lang)
-      (n_src, h_src), (n_tgt, h_tgt) = (_count_and_hash_cached(path, store)
-                                        for path in (src_path, tgt_path))
+      (n_src, h_src), (n_tgt, h_tgt) = (hashes.count_and_hash(p) for p in (src_path, tgt_path))
       if n_src != n_tgt:
         raise DataError(f"{src_path} has {n_src} lines but {tgt_path} has {n_tgt}: "
                         "a parallel corpus needs one target line per source line")
       parts += [split, h_src, h_tgt]
       streams[split] = Stream(n_src, lambda n, a=src_path, b=tgt_path: _text_chunks(a, b, n))
+    hashes.save()
     return streams, " ".join(parts)
   if cfg.source == "tfds":
     return _tfds_streams(cfg)
@@ -142,33 +142,45 @@ def _stat_key(path: str) -> list[int]:
   return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def _count_and_hash_cached(path: str, store: str | None) -> tuple[int, str]:
-  """`_count_and_hash`, remembered in `store` for an unchanged file (same `_stat_key`)."""
-  if not store:
-    return _count_and_hash(path)
-  path, cache = os.path.realpath(path), os.path.join(store, HASHES_FILE)
-  try:
-    with open(cache, encoding="utf-8") as f:
-      known = json.load(f)
-  except (OSError, ValueError):  # none yet, or unreadable: hash again and rewrite it
-    known = {}
-  key = _stat_key(path)
-  entry = known.get(path)
-  if isinstance(entry, list) and len(entry) == 3 and entry[0] == key:
-    return int(entry[1]), str(entry[2])
-  lines, digest = _count_and_hash(path)
-  if _stat_key(path) != key:  # changed while it was read: use the result, do not keep it
+class _HashCache:
+  """`_count_and_hash` results kept in the data store's HASHES_FILE, for files whose
+  `_stat_key` has not changed since; read once, written once (`save`) if anything was added."""
+
+  def __init__(self, store: str | None):
+    self.path = os.path.join(store, HASHES_FILE) if store else None
+    self.known, self.added = {}, False
+    if self.path:
+      try:
+        with open(self.path, encoding="utf-8") as f:
+          self.known = json.load(f)
+      except (OSError, ValueError):  # none yet, or unreadable: hash again and rewrite it
+        pass
+      if not isinstance(self.known, dict):
+        self.known = {}
+
+  def count_and_hash(self, path: str) -> tuple[int, str]:
+    if not self.path:
+      return _count_and_hash(path)
+    path = os.path.realpath(path)
+    key, entry = _stat_key(path), self.known.get(path)
+    if isinstance(entry, list) and len(entry) == 3 and entry[0] == key:
+      return int(entry[1]), str(entry[2])
+    lines, digest = _count_and_hash(path)
+    if _stat_key(path) == key:  # not changed while it was read: keep it
+      self.known[path], self.added = [key, lines, digest], True
     return lines, digest
-  known[path] = [key, lines, digest]
-  try:  # another host or run may write it too: each write is whole, the last one wins
-    os.makedirs(store, exist_ok=True)
-    tmp = f"{cache}.tmp-{socket.gethostname()}-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(known, f)
-    os.replace(tmp, cache)
-  except OSError:  # a read-only store still works; the files are hashed every time
-    pass
-  return lines, digest
+
+  def save(self) -> None:
+    if not self.added:
+      return
+    try:  # another host or run may write it too: each write is whole, the last one wins
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      tmp = f"{self.path}.tmp-{socket.gethostname()}-{os.getpid()}"
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(self.known, f)
+      os.replace(tmp, self.path)
+    except OSError:  # a read-only store still works; the files are hashed every time
+      pass
 
 
 def _decode_line(raw: bytes, path: str, number: int) -> str:
