@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
       "one device": None}
   runs, times = {}, {}
   for name, pcfg in variants.items():
-    layout = None if pcfg is None else parallel.make_layout(
-        pcfg, {"train.batch_size": args.batch}, num_layers=args.layers)
+    layout = None if pcfg is None else parallel.make(
+        pcfg, num_layers=args.layers, batch_sizes={"train.batch_size": args.batch})
     step, _ = train.make_steps(cfg, tx, layout)
     state = train.init_state(cfg, tx, args.vocab, args.vocab)
-    holder = {"state": state if layout is None else parallel.place_state(layout, state)}
+    holder = {"state": state if layout is None else layout.place(state)}
 
     def run(step=step, holder=holder):
       holder["state"], metrics = step(holder["state"], batch)

@@ -39,8 +39,12 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from s2s_jax import bleu, cli, evaluate, train, translate
 from s2s_jax import config as config_lib
+from s2s_jax.analysis import common
 from s2s_jax.config import Config, ConfigError
+from s2s_jax.data import pipeline
+from s2s_jax.workdir import METRICS_FILE
 
 TABLE_JSON = "table1.json"
 TABLE_MD = "table1.md"
@@ -138,7 +142,6 @@ def _write(path: str, text: str) -> None:
 
 def median_train_wps(workdir: str) -> float | None:
   """Median training words/s of the WORKDIR's metrics.jsonl (the first line holds compilation)."""
-  from s2s_jax.train import METRICS_FILE
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return None
@@ -159,13 +162,11 @@ def median_train_wps(workdir: str) -> float | None:
 # The default train and evaluate functions (the runner takes any with the same signatures).
 
 def train_model(cfg: Config, workdir: str) -> dict[str, Any]:
-  from s2s_jax import train
   return train.train(cfg, workdir, progress=False)
 
 
 @functools.lru_cache(maxsize=4)
 def _eval_pairs(data_cfg: Any, split: str, max_sentences: int) -> tuple[tuple[str, str], ...]:
-  from s2s_jax.analysis import common
   srcs, refs, _ = common.eval_sentences(Config(data=data_cfg), split, max_sentences=max_sentences)
   return tuple(zip(srcs, refs))
 
@@ -176,7 +177,6 @@ def steady_decode_wps(m: Any, lines: Sequence[str], ids: Sequence[Sequence[int]]
   Decoding sorts the sentences by length and decodes decode.batch_size of them at a time;
   decoding one such batch again reuses its compiled program. Words: source + output tokens.
   """
-  from s2s_jax import translate
 
   bs = m.cfg.decode.batch_size
   order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: (len(ids[i]), i))
@@ -191,8 +191,6 @@ def steady_decode_wps(m: Any, lines: Sequence[str], ids: Sequence[Sequence[int]]
 
 def within_training_length(m: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
   """The pairs training would have kept: at most data.max_len tokens a side (all if 0)."""
-  from s2s_jax import translate
-  from s2s_jax.data import pipeline
 
   limit = m.cfg.data.max_len
   if limit <= 0:
@@ -202,7 +200,6 @@ def within_training_length(m: Any, pairs: Sequence[tuple[str, str]]) -> list[tup
 
 
 def _in_length(m: Any, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
-  from s2s_jax import evaluate
 
   short = within_training_length(m, pairs)
   if not short or len(short) == len(pairs):  # no split to report
@@ -215,7 +212,6 @@ def in_length_perplexity(workdirs: Sequence[str], split: str = "test",
   """Perplexity of one model or an ensemble on the test pairs within the training length
   (`within_training_length`): the test sentences longer than every training pair measure
   length extrapolation as much as translation quality."""
-  from s2s_jax import translate
 
   m = translate.load(list(workdirs))
   return _in_length(m, _eval_pairs(dataclasses.replace(m.cfg.data, reverse_source=True), split,
@@ -226,7 +222,6 @@ def evaluate_models(workdirs: Sequence[str], beam_size: int, split: str = "test"
                     max_sentences: int = 0) -> dict[str, Any]:
   """BLEU both ways, test perplexity (all pairs, and those within the training length) and
   decoding speed of one model or an ensemble."""
-  from s2s_jax import bleu, evaluate, translate
 
   m = translate.load(list(workdirs), {"decode.beam_size": beam_size, "decode.nbest": 1})
   # The raw pairs do not depend on the source direction; share them between models.
@@ -476,25 +471,19 @@ def markdown(table: dict[str, Any], rows: Sequence[Row]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  from s2s_jax import train
-  train.setup_cli()
+def _main(argv: Sequence[str] | None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  try:
-    updates, extras = config_lib.parse_args(argv, extra_flags=("workdir", "base", "split",
-                                                                "max_sentences", "only"))
-    if "workdir" not in extras:
-      raise ConfigError("--workdir DIR is required")
-    base_name = extras.get("base", "quickstart")
-    base = config_lib.override(load_base(base_name), updates)
-    max_sentences = int(extras.get("max_sentences", 0))
-    only = [g for g in extras.get("only", "").split(",") if g]
-    table = run(base, extras["workdir"], split=extras.get("split", "test"),
-                max_sentences=max_sentences, only=only,
-                meta={"base": base_name, "overrides": updates})
-  except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  updates, extras = config_lib.parse_args(argv, extra_flags=("workdir", "base", "split",
+                                                              "max_sentences", "only"))
+  if "workdir" not in extras:
+    raise ConfigError("--workdir DIR is required")
+  base_name = extras.get("base", "quickstart")
+  base = config_lib.override(load_base(base_name), updates)
+  max_sentences = int(extras.get("max_sentences", 0))
+  only = [g for g in extras.get("only", "").split(",") if g]
+  table = run(base, extras["workdir"], split=extras.get("split", "test"),
+              max_sentences=max_sentences, only=only,
+              meta={"base": base_name, "overrides": updates})
   _, rows = plan(base)
   print(markdown(table, rows))
   if table["failed"]:
@@ -502,6 +491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           "command to retry them", file=sys.stderr)
     return 1
   return 130 if table["interrupted"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import os
 import sys
 
 from s2s_jax import config as c
-from s2s_jax import train
+from s2s_jax import evaluate, model, train, translate
+from s2s_jax.analysis import curves, pca
+from s2s_jax.data import sources
 
 
 def config() -> c.Config:
@@ -34,10 +36,6 @@ def config() -> c.Config:
 def show_results(cfg: c.Config, workdir: str) -> None:
   """Prints beam-search translations of a few test sentences and the test BLEU, then draws the
   training curves (WORKDIR/curves.png) and the PCA of encoder states (WORKDIR/pca.png)."""
-  from s2s_jax import evaluate, translate
-  from s2s_jax.analysis import curves, pca
-  from s2s_jax.data import sources
-
   m = translate.load([workdir])
   pairs = sources.load_pairs(m.cfg.data)["test"]
   results, hyps = evaluate.evaluate(m, pairs, "test")
@@ -56,7 +54,6 @@ def show_results(cfg: c.Config, workdir: str) -> None:
 
 def summary(m, results: dict, workdir: str) -> str:
   """What a newcomer should take away: what was trained, how good it is, where to look next."""
-  from s2s_jax import model
   cfg = m.cfg
   data = (f"{cfg.data.synthetic_train:,} English->French sentence pairs of the embedded grammar"
           if cfg.data.source == "synthetic" else f"the {cfg.data.source} corpus")

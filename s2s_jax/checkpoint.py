@@ -1,7 +1,7 @@
 """Checkpoints with orbax's CheckpointManager: the train state, the data position, a fingerprint.
 
-Layout: WORKDIR/checkpoints/<step>/{state,data,integrity}. `state` holds params, optimizer
-state, step and RNG key as arrays; `data` is a small JSON dict (the iterator position);
+Layout: WORKDIR/checkpoints/<step>/{state,data,integrity}. `state` holds the train state as
+a dict of arrays (params, optimizer state, step); `data` is a small JSON dict (the iterator position);
 `integrity` is JSON: the step and two 32-bit checksums of the bits of every state leaf.
 
 Crash safety. Orbax writes each step into `<step>.orbax-checkpoint-tmp-<time>` and renames
@@ -28,8 +28,17 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from s2s_jax import config as config_lib
+from s2s_jax import model
+from s2s_jax.data import pipeline
+
 CHECKPOINT_DIR = "checkpoints"
 UNUSABLE_DIR = "checkpoints_unusable"  # where training moves checkpoints that failed to restore
+
+
+# Top-level state entries that earlier versions saved and nothing reads any more (an unused RNG
+# key): restored with the rest, so that the checksums still verify, then dropped.
+LEGACY_ENTRIES = {"rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
 
 
 class CheckpointError(RuntimeError):
@@ -96,9 +105,15 @@ def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mngr.directory), str(step))
 
 
+def _as_dict(tree: Any) -> Any:
+  """A NamedTuple train state as the dict checkpoints hold (anything else as it is)."""
+  return tree._asdict() if isinstance(tree, tuple) and hasattr(tree, "_asdict") else tree
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -> None:
   """Starts writing checkpoint `step` (asynchronously). Raises FloatingPointError, writing
   nothing, when the state holds NaN or Inf."""
+  state = _as_dict(state)
   sums = fingerprint(state)
   bad = [name for name, (_, _, finite) in sums.items() if not finite]
   if bad:
@@ -129,18 +144,28 @@ def _verify(where: str, tree: Any, integrity: Any, step: int) -> None:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dict]:
-  """Restores checkpoint `step` into the structure (and shardings) of `like`, verified against
-  its checksums. Raises CheckpointError (or orbax's error) when it cannot be read."""
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                   data=ocp.args.JsonRestore(),
-                                                   integrity=ocp.args.JsonRestore()))
-  leaves = jax.tree_util.tree_leaves(out.state)
-  state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
-  _verify(_step_dir(mngr, step), state, out.integrity, step)
+  """Restores checkpoint `step` into the structure (and shardings) of `like` (a dict or a
+  NamedTuple of arrays), verified against its checksums. Raises CheckpointError (or orbax's
+  error) when it cannot be read."""
+  target = _as_dict(like)
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+  legacy = {}
+  if isinstance(target, dict):
+    saved = mngr.item_metadata(step).state
+    saved = getattr(saved, "tree", saved)
+    sharding = jax.tree_util.tree_leaves(abstract)[0].sharding
+    legacy = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+              for k, v in LEGACY_ENTRIES.items() if k in (saved or {}) and k not in target}
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(dict(abstract, **legacy) if legacy else abstract),
+      data=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()))
+  _verify(_step_dir(mngr, step), out.state, out.integrity, step)
+  restored = {k: v for k, v in out.state.items() if k not in legacy} if legacy else out.state
+  leaves = jax.tree_util.tree_leaves(restored)
+  state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
   if isinstance(state, dict) and "step" in state and int(state["step"]) != step:
     raise CheckpointError(f"{_step_dir(mngr, step)}: holds the state of step {int(state['step'])}")
-  return state, dict(out.data)
+  return (type(like)(**state) if target is not like else state), dict(out.data)
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -210,7 +235,7 @@ def restore_params(workdir: str, like_params: Any, step: int | None = None,
   """Only the parameters of the newest usable (or the given) checkpoint in `workdir`, verified
   against their checksums, for decoding. Never modifies the WORKDIR. `sharding`: where every
   parameter goes (default: this process's first device; on many hosts pass a replicated
-  NamedSharding, e.g. parallel.replicated(mesh))."""
+  NamedSharding, e.g. parallel.devices.replicated(mesh))."""
   mngr = manager(workdir, read_only=True)
   if not mngr.all_steps():
     raise FileNotFoundError(
@@ -247,10 +272,6 @@ def restore_params(workdir: str, like_params: Any, step: int | None = None,
 
 def load_model(workdir: str, step: int | None = None):
   """Everything decoding needs from a WORKDIR: (config, params, source vocab, target vocab, step)."""
-  from s2s_jax import config as config_lib
-  from s2s_jax import model
-  from s2s_jax.data import pipeline
-
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"{cfg_path}: not found; is {workdir} a training WORKDIR?")

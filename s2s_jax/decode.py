@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -353,3 +353,16 @@ def score_ids(params: model.Params, cfg: ModelConfig,
   if bar is not None:
     bar.close()
   return out
+
+
+def perplexity(eval_fn: Callable, params: model.Params,
+               batches: Iterable[dict[str, np.ndarray]]) -> tuple[float, float]:
+  """(mean NLL per target token including </s>, its exp) over all batches; `eval_fn(params,
+  batch)` gives a batch's {"nll_sum", "num_tokens"} (ensemble.eval_step, train.eval_step)."""
+  nll, tokens = 0.0, 0
+  outs = [eval_fn(params, b) for b in batches]
+  for o in jax.device_get(outs):
+    nll += float(o["nll_sum"])
+    tokens += int(o["num_tokens"])
+  mean = nll / max(tokens, 1)
+  return mean, math.exp(min(mean, 700.0))

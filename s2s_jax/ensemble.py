@@ -25,7 +25,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import lstm
+from s2s_jax import checkpoint, lstm
 from s2s_jax import model
 from s2s_jax.config import Config, ModelConfig
 from s2s_jax.data.vocab import PAD_ID, Vocab
@@ -82,7 +82,7 @@ def token_log_probs(params: model.Params, batch: dict[str, Array], cfg: ModelCon
 
 def eval_step(params: model.Params, batch: dict[str, Array], *,
               cfg: ModelConfig) -> dict[str, Array]:
-  """Summed NLL and token count of a batch (the interface of `train.perplexity`)."""
+  """Summed NLL and token count of a batch (the interface of `decode.perplexity`)."""
   lp_BxT = token_log_probs(params, batch, cfg)
   return {"nll_sum": -jnp.sum(lp_BxT), "num_tokens": jnp.sum(batch["tgt"] != PAD_ID)}
 
@@ -93,8 +93,6 @@ def load(workdirs: Sequence[str]) -> tuple[Config, model.Params, Vocab, Vocab, l
   Returns (config of the first, params, source vocab, target vocab, checkpoint steps). All
   members must share both vocabularies, the model architecture and the source order.
   """
-  from s2s_jax import checkpoint
-
   loaded = [checkpoint.load_model(w) for w in workdirs]
   cfg, params0, src_vocab, tgt_vocab, _ = loaded[0]
   for w, (c, _, sv, tv, _) in zip(workdirs[1:], loaded[1:]):

@@ -7,7 +7,7 @@
 BLEU (see `s2s_jax.bleu`): standard sacreBLEU on detokenized output with its signature, and
 the paper's cased BLEU on tokenized text (multi-bleu.pl style). Perplexity: exp of the mean
 NLL per target token (</s> included) over the pairs with a non-empty source and target, as in
-training (`train.perplexity`), under the ensemble's combined distribution. `--split NAME`
+training (`decode.perplexity`), under the ensemble's combined distribution. `--split NAME`
 evaluates that split of the configured corpus (raw pairs from `sources.load_pairs`, encoded
 with the WORKDIR's saved vocabularies), so it gives the same figures as --src/--ref on the
 same files. Results are printed as JSON and written to WORKDIR/eval_<name>.json.
@@ -26,9 +26,8 @@ from typing import Any, Sequence
 import jax
 
 from s2s_jax import bleu
-from s2s_jax import ensemble
-from s2s_jax import train
-from s2s_jax import translate
+from s2s_jax import decode, ensemble
+from s2s_jax import cli, translate
 from s2s_jax.data import pipeline, sources
 
 
@@ -45,7 +44,7 @@ def perplexity(m: translate.Loaded, pairs: Sequence[tuple[str, str]]) -> tuple[f
   eval_fn = jax.jit(functools.partial(ensemble.eval_step, cfg=cfg.model))
   batches = pipeline.eval_batches(examples, cfg.train.eval_batch_size, cfg.data.bucket_width,
                                   cfg.data.bucket_growth)
-  nll, ppl = train.perplexity(eval_fn, m.params, batches)
+  nll, ppl = decode.perplexity(eval_fn, m.params, batches)
   return nll, ppl, sum(len(t) for _, t in examples)
 
 
@@ -109,7 +108,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return translate.run_cli(_main, argv)
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,14 @@ def cell(w_h_HxG: Array, gx_BxG: Array, h_BxH: Array, c_BxH: Array,
   return jax.nn.sigmoid(o) * jnp.tanh(c_BxH), c_BxH
 
 
+def masked_cell(w_h_HxG: Array, gx_BxG: Array, h_BxH: Array, c_BxH: Array, m_B: Array,
+                dtype: jnp.dtype | None = None) -> tuple[Array, Array]:
+  """`cell` where m_B is 1; where it is 0 (padding) the state is carried through unchanged."""
+  h_new, c_new = cell(w_h_HxG, gx_BxG, h_BxH, c_BxH, dtype)
+  keep = m_B[:, None] > 0
+  return jnp.where(keep, h_new, h_BxH), jnp.where(keep, c_new, c_BxH)
+
+
 def layer(params: LayerParams, x_TxBxI: Array, mask_TxB: Array, h0_BxH: Array, c0_BxH: Array,
           dtype: jnp.dtype | None = None) -> tuple[Array, tuple[Array, Array]]:
   """Runs one layer over time. Returns (h for every step TxBxH, final (h, c))."""
@@ -78,9 +86,7 @@ def layer(params: LayerParams, x_TxBxI: Array, mask_TxB: Array, h0_BxH: Array, c
   def step(carry, inputs):
     h_BxH, c_BxH = carry
     gx_BxG, m_B = inputs
-    h_new, c_new = cell(params["w_h"], gx_BxG, h_BxH, c_BxH, dtype)
-    keep = m_B[:, None] > 0
-    h_BxH, c_BxH = jnp.where(keep, h_new, h_BxH), jnp.where(keep, c_new, c_BxH)
+    h_BxH, c_BxH = masked_cell(params["w_h"], gx_BxG, h_BxH, c_BxH, m_B, dtype)
     return (h_BxH, c_BxH), h_BxH
 
   (h_T, c_T), h_TxBxH = jax.lax.scan(step, (h0_BxH, c0_BxH), (gx_TxBxG, mask_TxB))

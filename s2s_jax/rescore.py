@@ -25,7 +25,7 @@ from typing import NamedTuple, Sequence
 
 from s2s_jax import bleu
 from s2s_jax import decode
-from s2s_jax import translate
+from s2s_jax import cli, translate
 from s2s_jax.data import sources
 
 
@@ -146,7 +146,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return translate.run_cli(_main, argv)
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

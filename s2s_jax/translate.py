@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-from s2s_jax import checkpoint
+from s2s_jax import cli
 from s2s_jax import config as config_lib
 from s2s_jax import decode
 from s2s_jax import ensemble
@@ -151,17 +151,6 @@ def write_lines(lines: Sequence[str], path: str | None) -> None:
     sys.stdout.flush()
 
 
-def run_cli(fn, argv: Sequence[str] | None) -> int:
-  """Runs fn(argv) with logging set up; expected failures become one-line errors (exit 1)."""
-  from s2s_jax import train
-  train.setup_cli()
-  try:
-    return fn(argv)
-  except (OSError, ValueError, checkpoint.CheckpointError) as e:  # ConfigError, DataError too
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-
-
 def _main(argv: Sequence[str] | None) -> int:
   parser = argparse.ArgumentParser(prog="python -m s2s_jax.translate",
                                    description=__doc__.split("\n")[0])
@@ -177,7 +166,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return run_cli(_main, argv)
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

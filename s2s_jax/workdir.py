@@ -1,4 +1,4 @@
-"""The WORKDIR's bookkeeping on (re)start: the saved config and the metrics log.
+"""The WORKDIR's files: the saved config and the metrics log (metrics.jsonl and TensorBoard).
 
 A WORKDIR holds one run. Its config.json is written by the first start; a later start (a
 resume) must ask for the same config, except for the fields in `RESUMABLE_FIELDS` and
@@ -21,9 +21,12 @@ import os
 from typing import Any
 
 from s2s_jax import config as config_lib
+from s2s_jax import hardware
 from s2s_jax.config import Config, ConfigError
 
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"  # one JSON object per line
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files of the same metrics
 
 RESUMABLE_FIELDS = frozenset({
     "train.num_steps", "train.num_epochs", "train.eval_every", "train.checkpoint_every",
@@ -106,3 +109,66 @@ def rewind_metrics(path: str, step: int) -> list[dict[str, Any]]:
       logging.info("%s: dropped %d records past step %d (work lost at the interruption)", path,
                    dropped, step)
   return kept
+
+
+def resolve_compute_dtype(cfg: Config, workdir: str) -> Config:
+  """Checks model.compute_dtype and turns `auto` into float32 or bfloat16.
+
+  A resumed run keeps the dtype it started with (WORKDIR/config.json), so that its resume stays
+  bit-exact on another machine; a new run takes `hardware.native_bf16_dtype()`. The resolved
+  value is what config.json records.
+  """
+  name = cfg.model.compute_dtype
+  if name not in hardware.COMPUTE_DTYPES:
+    raise ConfigError(
+        f"model.compute_dtype must be one of {', '.join(hardware.COMPUTE_DTYPES)}, got {name!r}")
+  if name != "auto":
+    return cfg
+  saved_path = os.path.join(workdir, CONFIG_FILE)
+  saved = (config_lib.load_json(saved_path).model.compute_dtype
+           if os.path.exists(saved_path) else "auto")
+  if saved in hardware.COMPUTE_DTYPES and saved != "auto":
+    dtype, why = saved, f"as the run started, {saved_path}"
+  else:
+    dtype, why = hardware.native_bf16_dtype()
+  logging.info("model.compute_dtype=auto: %s (%s)", dtype, why)
+  return config_lib.override(cfg, {"model.compute_dtype": dtype})
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to WORKDIR/metrics.jsonl and writes the same numbers as
+  TensorBoard scalars (tag "<kind>/<field>") to event files in WORKDIR/tensorboard.
+
+  `resume_step`: the restored checkpoint's step (None: a fresh start). TensorBoard then hides
+  every event logged after it by an earlier, interrupted run (its purge_step), as
+  `rewind_metrics` drops those lines from metrics.jsonl.
+  """
+
+  def __init__(self, workdir: str, active: bool = True, resume_step: int | None = None):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
+    self.active = active  # False on every process but the first of a multi-host run
+    self._purge_step = 0 if resume_step is None else resume_step + 1
+    self._tb = None
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.active:
+      return
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+    if self._tb is None:
+      import tensorboardX
+      self._tb = tensorboardX.SummaryWriter(self.tensorboard_dir, purge_step=self._purge_step,
+                                            flush_secs=30)
+    kind = record.get("kind", "metrics")
+    for key, value in record.items():
+      if key in ("kind", "step") or isinstance(value, bool):
+        continue
+      if isinstance(value, (int, float)):
+        self._tb.add_scalar(f"{kind}/{key}", value, int(record["step"]))
+    self._tb.flush()  # records come every train.log_every steps: cheap, and nothing is lost
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None

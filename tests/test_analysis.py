@@ -233,7 +233,7 @@ def test_the_three_commands_on_a_tiny_model(toy_corpus, tmp_path, capsys):
   assert "--src and --ref go together" in capsys.readouterr().err
 
 
-def test_curves_read_every_series_skip_a_torn_line_and_draw(tmp_path, caplog):
+def test_curves_read_every_series_skip_a_torn_line_and_draw(tmp_path, caplog, capsys):
   from s2s_jax.analysis import curves
   run = tmp_path / "run"
   run.mkdir()
@@ -252,4 +252,7 @@ def test_curves_read_every_series_skip_a_torn_line_and_draw(tmp_path, caplog):
   assert json.loads((out / "curves.json").read_text())["b"]["valid_ppl"] == [[0, 900.0], [100, 25.0]]
   with pytest.raises(ValueError, match="2 names for 1"):
     curves.curves([str(run)], ["a", "b"], str(out))
-  assert curves.main(["--workdir", str(tmp_path / "missing")]) == 2
+  assert curves.main(["--workdir", str(tmp_path / "missing")]) == 1  # cli.run's policy
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: ") and err[-1].endswith("not found (is "
+                                                           f"{tmp_path / 'missing'} a training WORKDIR?)")

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from s2s_jax import checkpoint, decode, model, optim, parallel, train
+from s2s_jax.parallel import devices
 from s2s_jax.data import pipeline
 from s2s_jax.config import (Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig,
                             override)
@@ -28,10 +29,11 @@ _STEPS = {}
 
 
 def layout_and_steps(name):
-  """(layout, (train_fn, eval_fn)) compiled once per layout name (None = one device)."""
+  """(strategy, (train_fn, eval_fn)) compiled once per layout name (None = one device)."""
   if name not in _STEPS:
-    layout = None if name is None else parallel.make_layout(LAYOUTS[name], {"batch": 16})
-    _STEPS[name] = layout, train.make_steps(CFG, TX, layout)
+    strategy = None if name is None else parallel.make(LAYOUTS[name], num_layers=1,
+                                                       batch_sizes={"batch": 16})
+    _STEPS[name] = strategy, train.make_steps(CFG, TX, strategy)
   return _STEPS[name]
 
 
@@ -52,10 +54,10 @@ def make_batches(n, rows=16, length=5, seed=0):
 def run_steps(name, batches, state=None):
   """Trains on `batches` under layout `name`: (losses, host state after 1 step, host state
   after all, device state)."""
-  layout, (train_fn, _) = layout_and_steps(name)
+  strategy, (train_fn, _) = layout_and_steps(name)
   state = train.init_state(CFG, TX, VOCAB, VOCAB) if state is None else state
-  if layout is not None:
-    state = parallel.place_state(layout, state)
+  if strategy is not None:
+    state = strategy.place(state)
   losses, first = [], None
   for b in batches:
     state, metrics = train_fn(state, b)
@@ -91,8 +93,8 @@ def test_layouts_train_like_one_device(name, batches, reference):
   assert_close_trees(first, ref_first)
   assert_close_trees(last, ref_last)
   eval_fn, ref_eval_fn = layout_and_steps(name)[1][1], layout_and_steps(None)[1][1]
-  evaluated = jax.device_get(eval_fn(state["params"], batches[0]))
-  ref_eval = jax.device_get(ref_eval_fn(jax.device_put(last["params"]), batches[0]))
+  evaluated = jax.device_get(eval_fn(state.params, batches[0]))
+  ref_eval = jax.device_get(ref_eval_fn(jax.device_put(last.params), batches[0]))
   assert int(evaluated["num_tokens"]) == int(ref_eval["num_tokens"]) > 0
   np.testing.assert_allclose(evaluated["nll_sum"], ref_eval["nll_sum"], rtol=1e-5)
   # The parameters (and their momentum) stay where the layout put them.
@@ -100,20 +102,18 @@ def test_layouts_train_like_one_device(name, batches, reference):
            if jax.tree_util.keystr(path).endswith("['softmax']['w']")]
   want = P(None, "model") if name == "mesh2x4" else P()
   assert specs == [want, want]  # the parameter and its momentum
-  assert state["params"]["encoder"][0]["w_h"].sharding.spec == P()
+  assert state.params["encoder"][0]["w_h"].sharding.spec == P()
 
 
 def test_sharded_softmax_never_holds_full_vocabulary_logits():
   v, t, b = 24, 7, 16  # distinct sizes, so shapes in the HLO say what they are
-  layout = parallel.make_layout(ParallelConfig(data=2, model=4))
-  loss, _ = parallel.loss_and_reduce(layout)
-  params = model.init_params(jax.random.PRNGKey(1), CFG.model, VOCAB, v)
-  params = parallel.place_state(layout, params)
+  strategy = parallel.make(ParallelConfig(data=2, model=4), num_layers=1)
+  params = strategy.place(model.init_params(jax.random.PRNGKey(1), CFG.model, VOCAB, v))
   rng = np.random.default_rng(1)
   batch = {"src": rng.integers(1, VOCAB, (b, 5)).astype(np.int32),
            "tgt": rng.integers(1, v, (b, t)).astype(np.int32)}
-  grad_fn = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, CFG.model)[0]))
-  hlo = grad_fn.lower(params, parallel.place_batch(layout.mesh, batch)).compile().as_text()
+  grad_fn = jax.jit(jax.value_and_grad(lambda p, x: strategy.loss(p, x, CFG.model)[0]))
+  hlo = grad_fn.lower(params, devices.place_batch(strategy.mesh, batch)).compile().as_text()
   assert re.search(rf"f32\[[0-9,]*,{v}\]", hlo) is None  # no array ends in the full vocabulary
   assert f"f32[{t},{b // 2},{v // 4}]" in hlo  # the local logits: rows / data, vocabulary / model
   assert "all-gather" not in hlo
@@ -125,18 +125,18 @@ def test_decoding_with_the_batch_sharded_matches_one_device():
   src = rng.integers(4, VOCAB, (13, 5)).astype(np.int32)  # 13 rows: padded to 16 and cut back
   for i, n in enumerate(rng.integers(1, 6, 13)):
     src[i, n:] = 0
-  mesh = parallel.make_layout(ParallelConfig()).mesh
+  mesh = parallel.make(ParallelConfig(), num_layers=1).mesh
   kw = dict(cfg=CFG.model, max_len=9)
-  tok, lp = parallel.run_batch_sharded(decode.greedy, mesh, params, src, **kw)
+  tok, lp = devices.run_batch_sharded(decode.greedy, mesh, params, src, **kw)
   ref_tok, ref_lp = jax.device_get(decode.greedy(params, src, **kw))
   assert tok.shape == ref_tok.shape == (13, 9)
   np.testing.assert_array_equal(tok, ref_tok)
   np.testing.assert_allclose(lp, ref_lp, rtol=1e-5)
-  hyp = parallel.run_batch_sharded(decode.beam, mesh, params, src, beam_size=3, nbest=2, **kw)
+  hyp = devices.run_batch_sharded(decode.beam, mesh, params, src, beam_size=3, nbest=2, **kw)
   ref_hyp = jax.device_get(decode.beam(params, src, beam_size=3, nbest=2, **kw))
   np.testing.assert_array_equal(hyp[0], ref_hyp[0])
   np.testing.assert_allclose(hyp[1], ref_hyp[1], rtol=1e-5)
-  scores = parallel.run_batch_sharded(decode.score, mesh, params, src, ref_tok, cfg=CFG.model)
+  scores = devices.run_batch_sharded(decode.score, mesh, params, src, ref_tok, cfg=CFG.model)
   np.testing.assert_allclose(scores, ref_lp, rtol=1e-5)  # greedy's log p is the path's score
 
 
@@ -151,15 +151,15 @@ def test_checkpoints_move_between_device_counts(tmp_path, batches):
   # and both continue training alike.
   *_, host_sharded, sharded = run_steps("mesh2x4", batches[:2])
   one, _ = checkpoint.restore(save(sharded, "a"), 2, train.init_state(CFG, TX, VOCAB, VOCAB))
-  assert one["params"]["softmax"]["w"].sharding.num_devices == 1
+  assert one.params["softmax"]["w"].sharding.num_devices == 1
   assert_close_trees(jax.device_get(one), host_sharded, rtol=0)
   np.testing.assert_allclose(run_steps(None, batches[2:4], state=one)[0],
                              run_steps("mesh2x4", batches[2:4], state=sharded)[0], rtol=1e-5)
   # Written on one device, restored onto pmap over 8 devices.
   *_, host_single, single = run_steps(None, batches[:2])
-  like = parallel.place_state(layout_and_steps("pmap8")[0], train.init_state(CFG, TX, VOCAB, VOCAB))
+  like = layout_and_steps("pmap8")[0].place(train.init_state(CFG, TX, VOCAB, VOCAB))
   eight, _ = checkpoint.restore(save(single, "b"), 2, like)
-  assert eight["params"]["softmax"]["w"].sharding.num_devices == 8
+  assert eight.params["softmax"]["w"].sharding.num_devices == 8
   assert_close_trees(jax.device_get(eight), host_single, rtol=0)
   np.testing.assert_allclose(run_steps("pmap8", batches[2:4], state=eight)[0],
                              run_steps(None, batches[2:4], state=single)[0], rtol=1e-5)
@@ -193,22 +193,24 @@ def test_train_resumes_on_another_device_count(tmp_path):
   src_vocab, tgt_vocab = map(len, pipeline.load_vocabs(workdir))
   like = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), cfg.model, src_vocab,
                                                   tgt_vocab))
-  mesh = parallel.make_layout(ParallelConfig()).mesh
-  on_eight, step = checkpoint.restore_params(workdir, like, sharding=parallel.replicated(mesh))
+  mesh = parallel.make(ParallelConfig(), num_layers=1).mesh
+  on_eight, step = checkpoint.restore_params(workdir, like, sharding=devices.replicated(mesh))
   on_one, _ = checkpoint.restore_params(workdir, like)
   assert step == 5 and on_eight["softmax"]["w"].sharding.num_devices == 8
   assert_close_trees(jax.device_get(on_eight), jax.device_get(on_one), rtol=0)
 
 
 def test_batch_that_does_not_divide_is_a_clear_error(tmp_path, toy_corpus):
+  make = lambda pcfg, sizes: parallel.make(pcfg, num_layers=1, batch_sizes=sizes)
   with pytest.raises(ConfigError) as e:
-    parallel.make_layout(ParallelConfig(), {"train.batch_size": 12})
+    make(ParallelConfig(), {"train.batch_size": 12})
   msg = str(e.value)
   assert "train.batch_size=12" in msg and "data-parallel size 8" in msg and "8 devices" in msg
   assert "8 or 16" in msg and "parallel.data to one of 1, 2, 3, 4, 6" in msg
-  with pytest.raises(ConfigError, match=r"parallel.model=1\): use a multiple of 4"):
-    parallel.make_layout(ParallelConfig(data=4), {"train.eval_batch_size": 6})
-  parallel.make_layout(ParallelConfig(data=4), {"train.batch_size": 12})  # 12 / 4 is fine
+  with pytest.raises(ConfigError, match=r"1 per data replica under parallel.strategy=mesh\): "
+                                        r"use a multiple of 4"):
+    make(ParallelConfig(data=4), {"train.eval_batch_size": 6})
+  make(ParallelConfig(data=4), {"train.batch_size": 12})  # 12 / 4 is fine
   # Through the training entry point: refused before anything is traced or written.
   cfg = override(Config(), {"data.source": "text", "data.path": toy_corpus,
                             "data.tokenizer": "none", "train.batch_size": 10})
@@ -218,17 +220,22 @@ def test_batch_that_does_not_divide_is_a_clear_error(tmp_path, toy_corpus):
 
 
 def test_other_layout_errors():
+  make = lambda **kw: parallel.make(ParallelConfig(**kw), num_layers=1)
   with pytest.raises(ConfigError, match="needs parallel.strategy=mesh"):
-    parallel.make_layout(ParallelConfig(strategy="pmap", model=2))
-  with pytest.raises(ConfigError, match="only 8 are available"):
-    parallel.make_layout(ParallelConfig(data=4, model=4))
-  with pytest.raises(ConfigError, match="parallel.model=3 does not divide the 8 devices"):
-    parallel.make_layout(ParallelConfig(model=3))
-  with pytest.raises(ConfigError, match="parallel.strategy must be one of mesh, pmap"):
-    parallel.make_layout(ParallelConfig(strategy="pjit"))
-  layout = parallel.make_layout(ParallelConfig(data=1, model=8))
+    make(strategy="pmap", model=2)
+  with pytest.raises(ConfigError, match=r"parallel.data=4 replicas x parallel.model=4 devices, "
+                                        "but only 8 are available"):
+    make(data=4, model=4)
+  with pytest.raises(ConfigError, match="parallel.model=3 devices per data replica do not divide "
+                                        "the 8 devices: set parallel.model to one of 1, 2, 4, 8"):
+    make(model=3)
+  with pytest.raises(ConfigError, match="parallel.strategy must be one of mesh, pmap, layers"):
+    make(strategy="pjit")
+  with pytest.raises(ConfigError, match="parallel.data must be -1 .* or >= 1, got 0"):
+    make(data=0)
+  strategy = make(data=1, model=8)
   with pytest.raises(ConfigError, match="parallel.model=8 must divide the target vocabulary"):
-    parallel.place_state(layout, model.init_params(jax.random.PRNGKey(0), CFG.model, VOCAB, VOCAB))
+    strategy.place(model.init_params(jax.random.PRNGKey(0), CFG.model, VOCAB, VOCAB))
 
 
 def test_distributed_initialize_reads_config_and_environment(monkeypatch):

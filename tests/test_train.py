@@ -1,11 +1,8 @@
-"""End-to-end training on a tiny corpus: learning, exact resume, optimizer swap from the CLI;
-the command lines' host memory setting."""
+"""End-to-end training on a tiny corpus: learning, exact resume, optimizer swap from the CLI,
+the compute dtype fixed when a run starts."""
 
 import json
 import os
-import platform
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,7 +10,8 @@ import pytest
 
 from s2s_jax import checkpoint
 from s2s_jax import config as c
-from s2s_jax import train
+from s2s_jax import hardware, train
+from s2s_jax import workdir as workdir_lib
 
 TINY = {"data.source": "text", "data.tokenizer": "none", "model.num_layers": 1,
         "model.hidden_size": 32, "model.embed_size": 16, "train.batch_size": 16,
@@ -35,7 +33,7 @@ def tensorboard_scalars(workdir):
   import struct
   from tensorboardX.proto import event_pb2
   out = {}
-  folder = os.path.join(workdir, train.TENSORBOARD_DIR)
+  folder = os.path.join(workdir, workdir_lib.TENSORBOARD_DIR)
   for name in sorted(os.listdir(folder)):
     with open(os.path.join(folder, name), "rb") as f:
       data = f.read()
@@ -101,40 +99,21 @@ def test_adam_from_the_command_line_trains(toy_corpus, tmp_path):
 
 
 
-def _cpuinfo(tmp_path, flags):
-  text = "".join(f"processor\t: {i}\nflags\t\t: fpu sse2 avx2 fma {flags}\n\n" for i in range(2))
-  (tmp_path / "cpuinfo").write_text(text)
-  return str(tmp_path / "cpuinfo")
-
-
-@pytest.mark.parametrize("backend, flags, expected", [
-    ("cpu", "", "float32"), ("cpu", "avx512f avx512_vnni avx512_bf16", "bfloat16"),
-    ("cpu", "amx_bf16 amx_tile", "bfloat16"), ("cpu", "avx512f avx512_vnni", "float32"),
-    ("gpu", "", "bfloat16"), ("tpu", "", "bfloat16")])
-def test_auto_dtype_is_bfloat16_only_where_the_hardware_has_bf16_dots(tmp_path, backend, flags,
-                                                                       expected):
-  dtype, why = train.native_bf16_dtype(backend, _cpuinfo(tmp_path, flags))
-  assert dtype == expected, why
-  dtype, why = train.native_bf16_dtype(backend, str(tmp_path / "missing"))
-  assert dtype == ("float32" if backend == "cpu" else "bfloat16")
-  assert backend != "cpu" or "missing" in why
-
-
 def test_auto_dtype_is_fixed_when_a_run_starts_and_kept_on_resume(toy_corpus, tmp_path,
                                                                   monkeypatch, capsys):
   run = str(tmp_path / "run")
   cfg = tiny_config(toy_corpus, **{"model.compute_dtype": "auto", "train.num_steps": 4,
                                    "train.eval_every": 0, "train.checkpoint_every": 0})
-  monkeypatch.setattr(train, "native_bf16_dtype", lambda: ("bfloat16", "test machine"))
+  monkeypatch.setattr(hardware, "native_bf16_dtype", lambda: ("bfloat16", "test machine"))
   train.train(cfg, run, progress=False)
   assert c.load_json(os.path.join(run, "config.json")).model.compute_dtype == "bfloat16"
   # On a machine that would choose float32, the run resumes in the dtype it started with.
-  monkeypatch.setattr(train, "native_bf16_dtype", lambda: ("float32", "test machine"))
-  assert train.resolve_compute_dtype(cfg, run).model.compute_dtype == "bfloat16"
+  monkeypatch.setattr(hardware, "native_bf16_dtype", lambda: ("float32", "test machine"))
+  assert workdir_lib.resolve_compute_dtype(cfg, run).model.compute_dtype == "bfloat16"
   assert train.train(c.override(cfg, {"train.num_steps": 6}), run, progress=False)["step"] == 6
-  assert train.resolve_compute_dtype(cfg, str(tmp_path / "new")).model.compute_dtype == "float32"
+  assert workdir_lib.resolve_compute_dtype(cfg, str(tmp_path / "new")).model.compute_dtype == "float32"
   explicit = c.override(cfg, {"model.compute_dtype": "float32"})
-  assert train.resolve_compute_dtype(explicit, run) == explicit
+  assert workdir_lib.resolve_compute_dtype(explicit, run) == explicit
   # A dtype that does not exist is a one-line error from the command line, before any work.
   argv = ["--workdir", str(tmp_path / "bad")] + [f"--{k}={v}" for k, v in TINY.items()] + [
       f"--data.path={toy_corpus}", "--model.compute_dtype=float16"]
@@ -143,78 +122,3 @@ def test_auto_dtype_is_fixed_when_a_run_starts_and_kept_on_resume(toy_corpus, tm
   assert err == ("error: model.compute_dtype must be one of float32, bfloat16, auto, "
                  "got 'float16'")
   assert not os.path.exists(tmp_path / "bad" / "config.json")
-
-# Faults taken by writing a fresh 512 MB malloc block after an equal block was freed, in a new
-# process (the malloc settings are process-wide).
-_FAULTS_OF_SECOND_BLOCK = """
-import ctypes, resource
-from s2s_jax import train
-print(train.reuse_host_memory())
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-n = 512 << 20
-def write_block():
-  p = libc.malloc(n)
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  ctypes.memset(p, 1, n)
-  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-  libc.free(p)
-  return faults
-write_block()
-print(write_block())
-"""
-
-
-def _second_block_faults(env_value):
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", train.MALLOC_ENV)}
-  if env_value is not None:
-    env[train.MALLOC_ENV] = env_value
-  out = subprocess.run([sys.executable, "-c", _FAULTS_OF_SECOND_BLOCK], env=env, check=True,
-                       capture_output=True, text=True).stdout.split()
-  return out[0] == "True", int(out[1])
-
-
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="glibc malloc settings")
-def test_reuse_host_memory_keeps_freed_large_blocks_mapped():
-  applied, faults = _second_block_faults(None)
-  assert applied and faults < 50  # the freed block is reused as it is, already mapped
-  applied, faults = _second_block_faults("system")
-  assert not applied and faults >= 256  # glibc's own behaviour: a fresh mmap, faulted in again
-
-
-def test_compilation_cache_dir_by_environment():
-  home = os.path.expanduser("~")
-  assert train.compilation_cache_dir({}) == os.path.join(home, ".cache", "s2s_jax", "xla")
-  assert train.compilation_cache_dir({"XDG_CACHE_HOME": "/c"}) == "/c/s2s_jax/xla"
-  assert train.compilation_cache_dir({train.CACHE_ENV: "/x", "XDG_CACHE_HOME": "/c"}) == "/x"
-  assert train.compilation_cache_dir({train.CACHE_ENV: "off"}) is None
-  # JAX's own variable (conftest sets one for the session) wins over the default folder
-  assert train.enable_compilation_cache() == os.environ["JAX_COMPILATION_CACHE_DIR"]
-
-
-_CACHE_ONE_PROGRAM = """
-import jax, jax.numpy as jnp
-from s2s_jax import train
-print(train.enable_compilation_cache())
-jax.jit(lambda x: jnp.tanh(x @ x))(jnp.ones((64, 64))).block_until_ready()
-"""
-
-
-@pytest.mark.parametrize("setting", ["folder", "off", "unwritable"])
-def test_command_lines_cache_compiled_programs(tmp_path, setting):
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache even this quick program
-  folder = tmp_path / "cache"
-  if setting == "unwritable":  # a plain file where the folder would go: no cache, no failure
-    folder.write_text("")
-    folder = folder / "xla"
-  env[train.CACHE_ENV] = "off" if setting == "off" else str(folder)
-  out = subprocess.run([sys.executable, "-c", _CACHE_ONE_PROGRAM], env=env, check=True,
-                       capture_output=True, text=True).stdout.split()
-  if setting == "folder":
-    assert out == [str(folder)] and len(os.listdir(folder)) >= 1  # the program's entry
-  else:
-    assert out == ["None"]
-    assert not os.path.isdir(tmp_path / "cache")

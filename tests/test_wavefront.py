@@ -1,4 +1,4 @@
-"""parallel.strategy=layers (s2s_jax/wavefront.py): one LSTM layer per device, the softmax on
+"""parallel.strategy=layers (s2s_jax/parallel/layers.py): one LSTM layer per device, the softmax on
 more devices, trains like one device; placement; checkpoints across layouts; clear errors
 (8 virtual CPU devices, see conftest)."""
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from s2s_jax import checkpoint, model, optim, parallel, train, wavefront
+from s2s_jax import checkpoint, model, optim, parallel, train
+from s2s_jax.parallel import devices
 from s2s_jax.config import (Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig,
                             override)
 
@@ -52,30 +53,29 @@ def test_loss_and_gradients_equal_one_device(pcfg, embed):
   batch = make_batch(0)
   (ref_loss, ref_aux), ref_grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
       params, batch, mcfg)
-  layout = parallel.make_layout(pcfg, {"batch": 8}, num_layers=mcfg.num_layers)
+  layout = parallel.make(pcfg, num_layers=mcfg.num_layers, batch_sizes={"batch": 8})
   assert dict(layout.mesh.shape) == ({"data": 1, "stage": 8} if pcfg.data == -1
                                      else {"data": 2, "stage": 4})
-  loss_fn, _ = parallel.loss_and_reduce(layout)
-  (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=2)(
-      parallel.place_state(layout, params), parallel.place_batch(layout.mesh, batch), mcfg)
+  (loss, aux), grads = jax.jit(jax.value_and_grad(layout.loss, has_aux=True), static_argnums=2)(
+      layout.place(params), devices.place_batch(layout.mesh, batch), mcfg)
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
   np.testing.assert_allclose(float(aux["nll_sum"]), float(ref_aux["nll_sum"]), rtol=1e-6)
   assert int(aux["num_tokens"]) == int(ref_aux["num_tokens"]) > 0
   assert int(aux["num_sents"]) == int(ref_aux["num_sents"]) == 7
-  grads = jax.device_get(parallel.to_checkpoint(layout, grads))
+  grads = jax.device_get(layout.to_canonical(grads))
   assert_close_trees(grads, ref_grads, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
 def paper_run():
   """Three momentum steps on one device and under the 4 + 4 layout, from the same init."""
-  layout = parallel.make_layout(PAPER, {"batch": 8}, num_layers=L)
+  layout = parallel.make(PAPER, num_layers=L, batch_sizes={"batch": 8})
   batches = [make_batch(s) for s in range(3)]
   runs = {}
   for name, lay in (("one", None), ("layers", layout)):
     train_fn, eval_fn = train.make_steps(CFG, TX, lay)
     state = train.init_state(CFG, TX, SRC_VOCAB, TGT_VOCAB)
-    state = state if lay is None else parallel.place_state(lay, state)
+    state = state if lay is None else lay.place(state)
     losses = []
     for b in batches:
       state, metrics = train_fn(state, b)
@@ -90,11 +90,11 @@ def test_training_steps_equal_one_device(paper_run):
   losses, state, eval_fn = runs["layers"]
   assert losses[0] > losses[-1]  # it learns
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  canonical = parallel.to_checkpoint(layout, state)
-  assert int(canonical["step"]) == 3
+  canonical = layout.to_canonical(state)
+  assert int(canonical.step) == 3
   assert_close_trees(jax.device_get(canonical), jax.device_get(ref_state))  # params and momentum
-  got = jax.device_get(eval_fn(state["params"], batches[0]))
-  want = jax.device_get(ref_eval(ref_state["params"], batches[0]))
+  got = jax.device_get(eval_fn(state.params, batches[0]))
+  want = jax.device_get(ref_eval(ref_state.params, batches[0]))
   assert int(got["num_tokens"]) == int(want["num_tokens"])
   np.testing.assert_allclose(got["nll_sum"], want["nll_sum"], rtol=1e-5)
 
@@ -104,7 +104,7 @@ def test_each_layer_and_softmax_slice_lives_on_its_device(paper_run):
   state = runs["layers"][1]
   devices = jax.devices()
   vm = TGT_VOCAB // 4
-  trees = {"params": state["params"], "momentum": state["opt_state"][1][0].trace}
+  trees = {"params": state.params, "momentum": state.opt_state[1][0].trace}
   for where, params in trees.items():
     for stack in ("encoder", "decoder"):
       for name, x in params[stack].items():
@@ -117,20 +117,20 @@ def test_each_layer_and_softmax_slice_lives_on_its_device(paper_run):
     homes = {s.index[0].start: s.device for s in w.addressable_shards}
     assert homes == {i: devices[i] for i in range(8)}
   # Stage 4 + j holds columns j*V/4 .. (j+1)*V/4 of the canonical softmax; layer 2 on device 2.
-  canonical = jax.device_get(parallel.to_checkpoint(layout, state["params"]))
-  on_6 = next(s for s in state["params"]["softmax"]["w"].addressable_shards
+  canonical = jax.device_get(layout.to_canonical(state.params))
+  on_6 = next(s for s in state.params["softmax"]["w"].addressable_shards
               if s.device == devices[6])
   np.testing.assert_array_equal(np.asarray(on_6.data)[0],
                                 canonical["softmax"]["w"][:, 2 * vm:3 * vm])
-  on_2 = next(s for s in state["params"]["decoder"]["w_h"].addressable_shards
+  on_2 = next(s for s in state.params["decoder"]["w_h"].addressable_shards
               if s.device == devices[2])
   np.testing.assert_array_equal(np.asarray(on_2.data)[0], canonical["decoder"][2]["w_h"])
   # Slots a stage does not use are zeros: no LSTM weights on the softmax devices and vice versa.
-  for s in state["params"]["encoder"]["w_x"].addressable_shards:
+  for s in state.params["encoder"]["w_x"].addressable_shards:
     assert (s.index[0].start >= L) == (not np.any(np.asarray(s.data)))
-  for s in state["params"]["softmax"]["w"].addressable_shards:
+  for s in state.params["softmax"]["w"].addressable_shards:
     assert (s.index[0].start < L) == (not np.any(np.asarray(s.data)))
-  assert state["params"]["src_embed"].sharding.is_fully_replicated
+  assert state.params["src_embed"].sharding.is_fully_replicated
 
 
 def test_checkpoints_restore_across_layouts(tmp_path, paper_run):
@@ -139,26 +139,25 @@ def test_checkpoints_restore_across_layouts(tmp_path, paper_run):
   data_state = {"epoch": 0, "index": 3, "seed": 0}
   # Written under layers, restored under mesh (2 x 4, softmax split over `model`).
   mngr = checkpoint.manager(str(tmp_path / "a"))
-  checkpoint.save(mngr, 3, parallel.to_checkpoint(layout, state), data_state)
+  checkpoint.save(mngr, 3, layout.to_canonical(state), data_state)
   mngr.wait_until_finished()
-  mesh = parallel.make_layout(ParallelConfig(data=2, model=4))
-  like = parallel.place_state(mesh, train.init_state(CFG, TX, SRC_VOCAB, TGT_VOCAB))
+  mesh = parallel.make(ParallelConfig(data=2, model=4), num_layers=L)
+  like = mesh.place(train.init_state(CFG, TX, SRC_VOCAB, TGT_VOCAB))
   on_mesh, data = checkpoint.restore(mngr, 3, like)
-  assert data == data_state and on_mesh["params"]["softmax"]["w"].sharding.spec[1] == "model"
-  want = jax.device_get(parallel.to_checkpoint(layout, state))
+  assert data == data_state and on_mesh.params["softmax"]["w"].sharding.spec[1] == "model"
+  want = jax.device_get(layout.to_canonical(state))
   assert_close_trees(jax.device_get(on_mesh), want, rtol=0, atol=0)
   # Written on one device, restored under layers: the same values as placing them directly.
   ref_state = runs["one"][1]
   mngr = checkpoint.manager(str(tmp_path / "b"))
   checkpoint.save(mngr, 3, ref_state, data_state)
   mngr.wait_until_finished()
-  like = parallel.to_checkpoint(layout, parallel.place_state(
-      layout, train.init_state(CFG, TX, SRC_VOCAB, TGT_VOCAB)))
+  like = layout.to_canonical(layout.place(train.init_state(CFG, TX, SRC_VOCAB, TGT_VOCAB)))
   restored, _ = checkpoint.restore(mngr, 3, like)
-  restored = parallel.from_checkpoint(layout, restored)
-  direct = parallel.place_state(layout, jax.device_get(ref_state))
+  restored = layout.from_canonical(restored)
+  direct = layout.place(jax.device_get(ref_state))
   assert_close_trees(jax.device_get(restored), jax.device_get(direct), rtol=0, atol=0)
-  assert restored["params"]["encoder"]["w_h"].sharding.spec == P("stage")
+  assert restored.params["encoder"]["w_h"].sharding.spec == P("stage")
   # and it trains on from there exactly like one device
   train_fn = train.make_steps(CFG, TX, layout)[0]
   _, metrics = train_fn(restored, batches[0])
@@ -192,31 +191,34 @@ def test_train_under_layers_then_resume_under_mesh(tmp_path):
 
 
 def test_layouts_that_do_not_fit_are_clear_errors():
-  layers = lambda **kw: ParallelConfig(strategy="layers", **kw)
+  make = lambda num_layers, sizes=None, **kw: parallel.make(
+      ParallelConfig(strategy="layers", **kw), num_layers=num_layers, batch_sizes=sizes)
   with pytest.raises(ConfigError, match=r"model.num_layers \+ parallel.model = 4 \+ 5 = 9 "
                                         r"devices per data replica, but only 8 are available"):
-    parallel.make_layout(layers(model=5), num_layers=4)
-  with pytest.raises(ConfigError, match=r"4 \+ 2 = 6 devices per data replica; 8 devices do not "
-                                        r"divide by 6: set parallel.model to one of 4"):
-    parallel.make_layout(layers(model=2), num_layers=4)
-  parallel.make_layout(layers(model=2, data=1), num_layers=4)  # 6 of 8 devices, named: fine
-  with pytest.raises(ConfigError, match=r"parallel.data=2 x 6 devices, but only 8"):
-    parallel.make_layout(layers(model=2, data=2), num_layers=4)
+    make(4, model=5)
+  with pytest.raises(ConfigError, match=r"4 \+ 2 = 6 devices per data replica do not divide the "
+                                        r"8 devices: set parallel.model to one of 4"):
+    make(4, model=2)
+  make(4, model=2, data=1)  # 6 of 8 devices, named: fine
+  with pytest.raises(ConfigError, match=r"parallel.data=2 replicas x .* = 6 devices, but only 8"):
+    make(4, model=2, data=2)
   with pytest.raises(ConfigError, match=r"parallel.model must be >= 1"):
-    parallel.make_layout(layers(model=0), num_layers=4)
+    make(4, model=0)
+  with pytest.raises(ConfigError, match=r"model.num_layers must be >= 1"):
+    make(0, model=4)
   with pytest.raises(ConfigError, match=r"train.batch_size=6 does not divide by the data-parallel "
-                                        r"size 4 \(parallel.strategy=layers, 4 replicas of 2"):
-    parallel.make_layout(layers(model=1), {"train.batch_size": 6}, num_layers=1)
-  with pytest.raises(ValueError, match="needs num_layers"):
-    parallel.make_layout(layers(model=4))
-  layout = parallel.make_layout(layers(model=4), num_layers=4)
+                                        r"size 4 \(8 devices, 2 per data replica under "
+                                        r"parallel.strategy=layers\): use a multiple of 4 "
+                                        r"\(e.g. 4 or 8\), or set parallel.data to one of 1, 2, 3"):
+    make(1, {"train.batch_size": 6}, model=1)
+  layout = make(4, model=4)
   with pytest.raises(ConfigError, match="parallel.model=4 must divide the target vocabulary size "
                                         "50 .* use one of 1, 2"):
-    parallel.place_state(layout, model.init_params(jax.random.PRNGKey(0), CFG.model, 20, 50))
+    layout.place(model.init_params(jax.random.PRNGKey(0), CFG.model, 20, 50))
   with pytest.raises(ConfigError, match="4 layer stages, but the model has 2 layers"):
-    parallel.place_state(layout, model.init_params(
+    layout.place(model.init_params(
         jax.random.PRNGKey(0), ModelConfig(num_layers=2, hidden_size=8, embed_size=8), 20, 48))
   with pytest.raises(ConfigError, match="optim.name='adafactor' does not work with "
                                         "parallel.strategy=layers"):
     train.make_steps(override(CFG, {"optim.name": "adafactor"}), TX, layout)
-  wavefront.check_optimizer(OptimConfig(name="adam"))  # elementwise: fine
+  layout.check_optimizer(OptimConfig(name="adam"))  # elementwise: fine

@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from s2s_jax import bleu
-from s2s_jax import translate
+from s2s_jax import cli, translate
 from s2s_jax.analysis import common
+from s2s_jax.data import pipeline
 from s2s_jax.data.vocab import SPECIALS, Vocab
 
 
@@ -190,7 +191,6 @@ def summary(result: dict[str, Any]) -> str:
 def _ranks(mode: str, m: translate.Loaded) -> dict[str, int]:
   if mode == "vocab":
     return vocab_ranks(m.src_vocab)
-  from s2s_jax.data import pipeline
   corpus = pipeline.load_corpus(m.cfg.data, m.workdir)  # the prepared store: counts, no text
   return corpus.prepared.word_ranks(0)
 
@@ -239,7 +239,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return translate.run_cli(_main, argv)
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import os
 import sys
 from typing import Any, Sequence
 
+from s2s_jax import cli
 from s2s_jax.analysis import common
-from s2s_jax.train import METRICS_FILE
+from s2s_jax.workdir import METRICS_FILE
 
 
 def read_series(workdir: str) -> dict[str, list[list[float]]]:
@@ -92,7 +93,7 @@ def curves(workdirs: Sequence[str], labels: Sequence[str], out: str) -> dict[str
   return runs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
   p = argparse.ArgumentParser(prog="python -m s2s_jax.analysis.curves", description=__doc__.split("\n")[0])
   p.add_argument("--workdir", nargs="+", required=True, help="training WORKDIR(s)")
   p.add_argument("--labels", help="comma list of legend names (default: the folder names)")
@@ -101,17 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   labels = (args.labels.split(",") if args.labels
             else [os.path.basename(os.path.normpath(w)) for w in args.workdir])
   out = args.out or args.workdir[0]
-  try:
-    runs = curves(args.workdir, labels, out)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  runs = curves(args.workdir, labels, out)
   for label, s in runs.items():
     last = s["valid_ppl"][-1] if s["valid_ppl"] else None
     print(f"{label}: {len(s['train_ppl'])} train points"
           + (f", last valid ppl {last[1]:.3f} at step {last[0]:.0f}" if last else ""))
   print(f"wrote {os.path.join(out, 'curves.png')}")
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from s2s_jax import translate
+from s2s_jax import cli, translate
 from s2s_jax.analysis import by_length, common
 
 
@@ -77,7 +77,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return translate.run_cli(_main, argv)
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

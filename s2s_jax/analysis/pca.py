@@ -44,10 +44,10 @@ import jax
 import numpy as np
 
 from s2s_jax import model
-from s2s_jax import translate
+from s2s_jax import cli, translate
 from s2s_jax.analysis import common
 from s2s_jax.config import ModelConfig
-from s2s_jax.data import sources
+from s2s_jax.data import sources, synthetic
 from s2s_jax.data.vocab import PAD_ID
 
 STATES = ("all", "top", "top_h")
@@ -142,7 +142,6 @@ def pair_distances(x_NxD: np.ndarray, phrases: Sequence[Phrase]) -> dict[str, An
 def load_phrases(path: str | None, src_lang: str) -> list[Phrase]:
   """Phrases from --phrases FILE (see the module docstring) or the embedded grammar's set."""
   if path is None:
-    from s2s_jax.data import synthetic
     raw = synthetic.analysis_phrases()
     return [{"text": p[src_lang] if src_lang in p else p["en"], "group": str(p.get("group", "")),
              "kind": str(p.get("kind", ""))} for p in raw]
@@ -259,7 +258,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  return translate.run_cli(_main, argv)
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

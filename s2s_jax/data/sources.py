@@ -18,6 +18,7 @@ import socket
 from typing import Any, Iterator, Sequence
 
 from s2s_jax.config import DataConfig
+from s2s_jax.data import synthetic
 
 SPLITS = ("train", "valid", "test")
 TFDS_SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # ours -> TFDS names
@@ -30,7 +31,6 @@ class DataError(ValueError):
 
 def load_pairs(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
   if cfg.source == "synthetic":
-    from s2s_jax.data import synthetic
     return synthetic.make_splits(cfg.synthetic_train, cfg.synthetic_valid, cfg.synthetic_test,
                                  seed=cfg.synthetic_seed)
   if cfg.source == "text":
@@ -70,7 +70,6 @@ def open_streams(cfg: DataConfig, store: str | None = None) -> tuple[dict[str, S
   with a data `store`, the result is kept there for as long as the file's size, modification
   and change times and inode stay the same."""
   if cfg.source == "synthetic":
-    from s2s_jax.data import synthetic
     with open(synthetic.__file__, "rb") as f:
       code = hashlib.sha256(f.read()).hexdigest()
     ident = (f"synthetic {cfg.synthetic_train} {cfg.synthetic_valid} {cfg.synthetic_test} "

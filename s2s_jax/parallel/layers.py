@@ -1,4 +1,4 @@
-"""The paper's layout (parallel.strategy=layers): one LSTM layer per device, the softmax over
+"""parallel.strategy=layers, the paper's layout: one LSTM layer per device, the softmax over
 more devices, the layers run as a wavefront over time.
 
 Devices. The mesh has axes (data, stage) of sizes D x (L + M), L = model.num_layers and
@@ -51,7 +51,7 @@ parallelism in benchmarks/layers.py.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,13 +59,13 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from s2s_jax import model
-from s2s_jax import parallel
+from s2s_jax import lstm, model
 from s2s_jax.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
 from s2s_jax.data.vocab import PAD_ID
+from s2s_jax.parallel import base
+from s2s_jax.parallel import devices as dev
+from s2s_jax.parallel.devices import DATA, STAGE
 
-STAGE = "stage"  # mesh axis: the L layer stages, then the M softmax stages
-DATA = parallel.DATA
 STAGED = ("encoder", "decoder", "softmax")  # the params sharded over STAGE
 # optax optimizers whose update of an element depends only on that element's history: they
 # update the stacked (and zero-padded) arrays exactly as the canonical per-layer ones.
@@ -74,72 +74,6 @@ ELEMENTWISE_OPTIMIZERS = ("sgd", "adam", "adamw", "adamax", "adamaxw", "nadam", 
                           "lion", "yogi")
 Pytree = Any
 Array = jax.Array
-
-
-# ----------------------------------------------------------------------------- layout
-
-def make_layout(cfg: ParallelConfig, num_layers: int | None,
-                batch_sizes: Mapping[str, int] | None = None,
-                devices: Sequence[jax.Device] | None = None) -> parallel.Layout:
-  """The (data, stage) mesh for `cfg` with `num_layers` LSTM stages and cfg.model softmax
-  stages, checking that it fits the devices and that every global batch divides by data."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  if num_layers is None:
-    raise ValueError("parallel.strategy=layers: make_layout needs num_layers (model.num_layers)")
-  if num_layers < 1:
-    raise ConfigError(f"model.num_layers must be >= 1, got {num_layers}")
-  m = cfg.model
-  if m < 1:
-    raise ConfigError(f"parallel.model must be >= 1 (softmax devices under "
-                      f"parallel.strategy=layers), got {m}")
-  group = num_layers + m
-  what = (f"parallel.strategy=layers needs model.num_layers + parallel.model = {num_layers} + "
-          f"{m} = {group} devices per data replica")
-  if group > n:
-    raise ConfigError(f"{what}, but only {n} are available: lower parallel.model or "
-                      "model.num_layers")
-  if cfg.data == -1:
-    if n % group:
-      fits = [k - num_layers for k in parallel._divisors(n) if k > num_layers]
-      raise ConfigError(f"{what}; {n} devices do not divide by {group}: set parallel.model to one "
-                        f"of {', '.join(map(str, fits)) or 'none'}, or parallel.data explicitly")
-    data = n // group
-  elif cfg.data >= 1:
-    data = cfg.data
-  else:
-    raise ConfigError(f"parallel.data must be -1 (all devices) or >= 1, got {cfg.data}")
-  if data * group > n:
-    raise ConfigError(f"{what}; parallel.data={data} x {group} devices, but only {n} are "
-                      "available")
-  if jax.process_count() > 1 and data * group != n:
-    raise ConfigError(f"a multi-host run must use all {n} devices; parallel.data x "
-                      f"(model.num_layers + parallel.model) is {data} x {group}")
-  for name, size in (batch_sizes or {}).items():
-    if size % data:
-      raise ConfigError(f"{name}={size} does not divide by the data-parallel size {data} "
-                        f"(parallel.strategy=layers, {data} replicas of {group} devices): use "
-                        f"a multiple of {data}, or set parallel.data to a divisor of {size}")
-  mesh = jax.make_mesh((data, group), (DATA, STAGE),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices[:data * group])
-  return parallel.Layout("layers", mesh, layers=num_layers)
-
-
-def check_optimizer(cfg: OptimConfig) -> None:
-  """A clear error for an optimizer that would not update the stacked arrays like the
-  canonical ones (see the module doc)."""
-  if cfg.name not in ELEMENTWISE_OPTIMIZERS:
-    raise ConfigError(
-        f"optim.name={cfg.name!r} does not work with parallel.strategy=layers (the layers are "
-        "stacked into one array per device group, and only optimizers that update every element "
-        f"on its own give the same steps): use one of {', '.join(ELEMENTWISE_OPTIMIZERS)}, or "
-        "parallel.strategy=mesh")
-
-
-def _sizes(layout: parallel.Layout) -> tuple[int, int]:
-  """(L layer stages, M softmax stages)."""
-  return layout.layers, layout.mesh.shape[STAGE] - layout.layers
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -210,70 +144,7 @@ def to_canonical(tree: Pytree, num_layers: int) -> Pytree:
   return _map_params(lambda p: params_to_canonical(p, num_layers), tree)
 
 
-def state_shardings(layout: parallel.Layout, state: Pytree) -> Pytree:
-  """NamedShardings of a stacked state: encoder, decoder and softmax leaves split over the
-  stage axis, everything else (embeddings, counters, the RNG key) replicated."""
-  def sharding(path, leaf):
-    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    staged = np.ndim(leaf) > 0 and any(k in STAGED for k in keys)
-    return NamedSharding(layout.mesh, P(STAGE) if staged else P())
-
-  return jax.tree_util.tree_map_with_path(sharding, state)
-
-
-def _check_params(layout: parallel.Layout, params: dict) -> None:
-  layers, m = _sizes(layout)
-  if len(params["encoder"]) != layers:
-    raise ConfigError(f"the layout has {layers} layer stages, but the model has "
-                      f"{len(params['encoder'])} layers (model.num_layers)")
-  vocab = np.shape(params["softmax"]["b"])[0]
-  if vocab % m:
-    fits = [str(d) for d in parallel._divisors(vocab) if d + layers <= jax.device_count()]
-    raise ConfigError(
-        f"parallel.model={m} must divide the target vocabulary size {vocab} (the softmax is split "
-        f"along it under parallel.strategy=layers): use one of {', '.join(fits)} or change "
-        "data.tgt_vocab_size")
-
-
-def place_state(layout: parallel.Layout, state: Pytree) -> Pytree:
-  """A canonical train state (or params) in the stacked form, on the layout's devices."""
-  params = [x for x in jax.tree_util.tree_leaves(state, is_leaf=_is_params) if _is_params(x)]
-  for p in params:
-    if not isinstance(p["encoder"], (list, tuple)):
-      raise ValueError("place_state takes a canonical state (lists of layers); this one is "
-                       "already stacked")
-    _check_params(layout, p)
-  replicated = parallel.replicated(layout.mesh)
-  state = jax.tree_util.tree_map(lambda x: parallel._put(x, replicated), state)
-  convert = functools.partial(from_canonical, num_stages=layout.mesh.shape[STAGE])
-  shardings = state_shardings(layout, jax.eval_shape(convert, state))
-  return jax.jit(convert, out_shardings=shardings)(state)
-
-
-def canonical_state(layout: parallel.Layout, state: Pytree) -> Pytree:
-  """A stacked train state (or params) in the canonical form, replicated over the mesh."""
-  convert = functools.partial(to_canonical, num_layers=layout.layers)
-  return jax.jit(convert, out_shardings=parallel.replicated(layout.mesh))(state)
-
-
 # ----------------------------------------------------------------------------- the program
-
-def _matmul(x: Array, w: Array, dtype: jnp.dtype | None) -> Array:
-  if dtype is None:
-    return x @ w
-  return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def _lstm_step(p: dict, x_BxI: Array, h_BxH: Array, c_BxH: Array, m_B: Array,
-               dtype: jnp.dtype | None) -> tuple[Array, Array]:
-  """One masked LSTM step (gates i, f, g, o); where m is 0 the state is carried unchanged."""
-  z_BxG = _matmul(x_BxI, p["w_x"], dtype) + p["b"] + _matmul(h_BxH, p["w_h"], dtype)
-  i, f, g, o = jnp.split(z_BxG, 4, axis=-1)
-  c_new = jax.nn.sigmoid(f) * c_BxH + jax.nn.sigmoid(i) * jnp.tanh(g)
-  h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
-  keep = m_B[:, None] > 0
-  return jnp.where(keep, h_new, h_BxH), jnp.where(keep, c_new, c_BxH)
-
 
 IDLE, ENCODER, DECODER, SOFTMAX = range(4)  # the branches of a tick
 
@@ -310,22 +181,23 @@ def _stage_program(stages: dict, x_NxBxI: Array, mask_NxB: Array, tgt_TxB: Array
     zero_B = jnp.zeros((b,), jnp.float32)
     return h, c, jnp.zeros_like(inbox), zero_B, zero_B
 
-  def lstm(weights):
+  def lstm_branch(weights):
     def run(h, c, x_in, inbox, m, y):
-      h, c = _lstm_step(weights, x_in, h, c, m, dtype)
+      gx_BxG = lstm.matmul(x_in, weights["w_x"], dtype) + weights["b"]
+      h, c = lstm.masked_cell(weights["w_h"], gx_BxG, h, c, m, dtype)
       zero_B = jnp.zeros((b,), jnp.float32)
       return h, c, h, zero_B, zero_B
     return run
 
   def softmax(h, c, x_in, inbox, m, y):
-    logits_BxVm = _matmul(inbox, w_HxVm, dtype) + b_Vm
+    logits_BxVm = lstm.matmul(inbox, w_HxVm, dtype) + b_Vm
     lse_B = jax.nn.logsumexp(logits_BxVm, axis=-1)
     local_B = y - first_id
     owned_B = (local_B >= 0) & (local_B < vm)
     picked_B = jnp.take_along_axis(logits_BxVm, jnp.clip(local_B, 0, vm - 1)[:, None], axis=-1)
     return h, c, inbox, lse_B, jnp.where(owned_B, picked_B[:, 0], 0.0)
 
-  branches = [idle, lstm(enc), lstm(dec), softmax]
+  branches = [idle, lstm_branch(enc), lstm_branch(dec), softmax]
 
   @functools.partial(jax.checkpoint,
                      policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
@@ -353,12 +225,99 @@ def _stage_program(stages: dict, x_NxBxI: Array, mask_NxB: Array, tgt_TxB: Array
   return lax.psum(picked_TxB, STAGE) - lse_TxB
 
 
-def loss(layout: parallel.Layout) -> Callable:
-  """model.loss_fn's contract (params, batch, cfg) -> (loss, aux) for stacked params."""
-  def loss_fn(params: dict, batch: dict[str, Array], cfg: ModelConfig) -> tuple[Array, dict]:
-    if cfg.num_layers != layout.layers:
+
+
+class LayersStrategy(base.Strategy):
+  """One LSTM layer per device, the softmax over more devices; see the module doc."""
+  name = "layers"
+
+  def __init__(self, mesh, layers: int):
+    super().__init__(mesh)
+    self.layers = layers  # the LSTM stages; the stage axis holds these, then the softmax
+
+  @classmethod
+  def create(cls, cfg: ParallelConfig, devices: Sequence[jax.Device],
+             num_layers: int) -> LayersStrategy:
+    if num_layers < 1:
+      raise ConfigError(f"model.num_layers must be >= 1, got {num_layers}")
+    m = cfg.model
+    if m < 1:
+      raise ConfigError(f"parallel.model must be >= 1 (softmax devices under "
+                        f"parallel.strategy=layers), got {m}")
+    n, group = len(devices), num_layers + m
+    fits = [str(k - num_layers) for k in dev.divisors(n) if k > num_layers]
+    data = base.data_replicas(
+        cfg, n, group, f"model.num_layers + parallel.model = {num_layers} + {m} = {group}",
+        f"set parallel.model to one of {', '.join(fits) or 'none'}")
+    mesh = jax.make_mesh((data, group), (DATA, STAGE),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=devices[:data * group])
+    return cls(mesh, num_layers)
+
+  @property
+  def model_size(self) -> int:
+    return self.mesh.shape[STAGE] - self.layers
+
+  def check_optimizer(self, cfg: OptimConfig) -> None:
+    """Only optimizers that update the stacked arrays like the canonical ones (module doc)."""
+    if cfg.name not in ELEMENTWISE_OPTIMIZERS:
+      raise ConfigError(
+          f"optim.name={cfg.name!r} does not work with parallel.strategy=layers (the layers are "
+          "stacked into one array per device group, and only optimizers that update every "
+          f"element on its own give the same steps): use one of "
+          f"{', '.join(ELEMENTWISE_OPTIMIZERS)}, or parallel.strategy=mesh")
+
+  def shardings(self, state: Pytree) -> Pytree:
+    """Encoder, decoder and softmax leaves of a stacked state split over the stage axis,
+    everything else (embeddings, counters) replicated."""
+    def sharding(path, leaf):
+      keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+      staged = np.ndim(leaf) > 0 and any(k in STAGED for k in keys)
+      return NamedSharding(self.mesh, P(STAGE) if staged else P())
+
+    return jax.tree_util.tree_map_with_path(sharding, state)
+
+  def _check_params(self, params: dict) -> None:
+    layers, m = self.layers, self.model_size
+    if len(params["encoder"]) != layers:
+      raise ConfigError(f"the layout has {layers} layer stages, but the model has "
+                        f"{len(params['encoder'])} layers (model.num_layers)")
+    vocab = np.shape(params["softmax"]["b"])[0]
+    if vocab % m:
+      fits = [str(d) for d in dev.divisors(vocab) if d + layers <= jax.device_count()]
+      raise ConfigError(
+          f"parallel.model={m} must divide the target vocabulary size {vocab} (the softmax is "
+          f"split along it under parallel.strategy=layers): use one of {', '.join(fits)} or "
+          "change data.tgt_vocab_size")
+
+  def place(self, state: Pytree) -> Pytree:
+    """A canonical train state (or params) in the stacked form, on the devices."""
+    params = [x for x in jax.tree_util.tree_leaves(state, is_leaf=_is_params) if _is_params(x)]
+    for p in params:
+      if not isinstance(p["encoder"], (list, tuple)):
+        raise ValueError("place takes a canonical state (lists of layers); this one is "
+                         "already stacked")
+      self._check_params(p)
+    replicated = dev.replicated(self.mesh)
+    state = jax.tree_util.tree_map(lambda x: dev.put(x, replicated), state)
+    convert = functools.partial(from_canonical, num_stages=self.mesh.shape[STAGE])
+    shardings = self.shardings(jax.eval_shape(convert, state))
+    return jax.jit(convert, out_shardings=shardings)(state)
+
+  def to_canonical(self, state: Pytree) -> Pytree:
+    """A stacked train state (or params) in the canonical form, replicated over the mesh."""
+    convert = functools.partial(to_canonical, num_layers=self.layers)
+    return jax.jit(convert, out_shardings=dev.replicated(self.mesh))(state)
+
+  def from_canonical(self, state: Pytree) -> Pytree:
+    return self.place(state)
+
+  def loss(self, params: Pytree, batch: dict[str, Array],
+           cfg: ModelConfig) -> tuple[Array, dict]:
+    """model.loss_fn's contract for stacked params: the wavefront program in a shard_map."""
+    if cfg.num_layers != self.layers:
       raise ValueError(f"model.num_layers={cfg.num_layers}, but the layout has "
-                       f"{layout.layers} layer stages")
+                       f"{self.layers} layer stages")
     src_BxS, tgt_BxT = batch["src"], batch["tgt"]
     s = src_BxS.shape[1]
     i = params["encoder"]["w_x"].shape[1]
@@ -370,7 +329,7 @@ def loss(layout: parallel.Layout) -> Callable:
     stages = {name: params[name] for name in STAGED}
 
     def local(stages, x_NxBxI, mask_NxB, tgt_TxB):
-      lp_TxB = _stage_program(stages, x_NxBxI, mask_NxB, tgt_TxB, layers=layout.layers,
+      lp_TxB = _stage_program(stages, x_NxBxI, mask_NxB, tgt_TxB, layers=self.layers,
                               src_len=s, dtype=model.compute_dtype(cfg))
       aux = {"nll_sum": -jnp.sum(jnp.where(tgt_TxB != PAD_ID, lp_TxB, 0.0)),
              "num_tokens": jnp.sum(tgt_TxB != PAD_ID),
@@ -378,11 +337,9 @@ def loss(layout: parallel.Layout) -> Callable:
       aux = lax.psum(aux, DATA)
       return aux["nll_sum"] / jnp.maximum(aux["num_sents"], 1), aux
 
-    # check_vma=False: as parallel.mesh_loss (zero-state carries; replicated inputs' gradients
-    # psum-ed, which is what the sums need).
+    # check_vma=False: as in MeshStrategy.loss (zero-state carries; replicated inputs'
+    # gradients psum-ed, which is what the sums need).
     specs = jax.tree_util.tree_map(lambda _: P(STAGE), stages)
-    return jax.shard_map(local, mesh=layout.mesh,
+    return jax.shard_map(local, mesh=self.mesh,
                          in_specs=(specs, P(None, DATA), P(None, DATA), P(None, DATA)),
                          out_specs=P(), check_vma=False)(stages, x_NxBxI, mask_NxB, tgt_BxT.T)
-
-  return loss_fn
