@@ -44,6 +44,7 @@ class DataConfig:
   tfds_name: str = "wmt14_translate/fr-en"  # TFDS builder/config for source=tfds
   tfds_data_dir: str = ""  # TFDS data_dir ("" = TFDS default)
   tfds_manual_dir: str = ""  # folder holding manually downloaded WMT files for TFDS
+  download: bool = True  # source=tfds: download and prepare a dataset that is not prepared, when the download hosts answer (false: never download)
   synthetic_train: int = 100_000  # embedded corpus: training pairs
   synthetic_valid: int = 2_000  # embedded corpus: validation pairs
   synthetic_test: int = 2_000  # embedded corpus: test pairs

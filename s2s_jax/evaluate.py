@@ -3,6 +3,7 @@
     python -m s2s_jax.evaluate --workdir DIR --src FILE --ref FILE [--beam_size B]
         [--ensemble DIR2 ...] [--output FILE]
     python -m s2s_jax.evaluate --workdir DIR --split test
+    python -m s2s_jax.evaluate --workdir DIR --testset wmt14/full
 
 BLEU (see `s2s_jax.bleu`): standard sacreBLEU on detokenized output with its signature, and
 the paper's cased BLEU on tokenized text (multi-bleu.pl style). Perplexity: exp of the mean
@@ -10,7 +11,9 @@ NLL per target token (</s> included) over the pairs with a non-empty source and 
 training (`decode.perplexity`), under the ensemble's combined distribution. `--split NAME`
 evaluates that split of the configured corpus (raw pairs from `sources.load_pairs`, encoded
 with the WORKDIR's saved vocabularies), so it gives the same figures as --src/--ref on the
-same files. Results are printed as JSON and written to WORKDIR/eval_<name>.json.
+same files. `--testset NAME` evaluates a sacreBLEU test set in the model's language pair,
+fetched once through sacreBLEU's cache (`s2s_jax.data.testsets`). Results are printed as JSON
+and written to WORKDIR/eval_<name>.json.
 """
 
 from __future__ import annotations
@@ -26,9 +29,8 @@ from typing import Any, Sequence
 import jax
 
 from s2s_jax import bleu
-from s2s_jax import decode, ensemble
-from s2s_jax import cli, translate
-from s2s_jax.data import pipeline, sources
+from s2s_jax import cli, decode, ensemble, translate
+from s2s_jax.data import pipeline, sources, testsets
 
 
 def perplexity(m: translate.Loaded, pairs: Sequence[tuple[str, str]]) -> tuple[float, float, int]:
@@ -79,12 +81,16 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--src", help="source sentences, one per line")
   parser.add_argument("--ref", help="reference translations, one per line")
   parser.add_argument("--split", help="evaluate this split of the configured corpus (e.g. test)")
+  parser.add_argument("--testset", help="evaluate this sacreBLEU test set (e.g. wmt14/full)")
   parser.add_argument("--output", help="also write the translations (detokenized) to this file")
   args = parser.parse_args(argv)
-  if bool(args.split) == bool(args.src or args.ref) or bool(args.src) != bool(args.ref):
-    parser.error("give either --src FILE and --ref FILE, or --split NAME")
+  if (bool(args.split) + bool(args.src or args.ref) + bool(args.testset) != 1
+      or bool(args.src) != bool(args.ref)):
+    parser.error("give either --src FILE and --ref FILE, --split NAME or --testset NAME")
   m = translate.load_from_flags(args)
-  if args.split:
+  if args.testset:
+    pairs, name = testsets.load(args.testset, m.cfg.data.src_lang, m.cfg.data.tgt_lang)
+  elif args.split:
     splits = sources.load_pairs(m.cfg.data)
     if args.split not in splits:
       raise ValueError(f"no split {args.split!r} in the configured corpus; "

@@ -32,7 +32,7 @@ RESUMABLE_FIELDS = frozenset({
     "train.num_steps", "train.num_epochs", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.eval_batch_size", "train.max_bad_steps",
     "train.allow_config_change", "data.max_eval_sentences", "data.path", "data.tfds_data_dir",
-    "data.tfds_manual_dir", "data.prepared_dir", "data.workers",
+    "data.tfds_manual_dir", "data.download", "data.prepared_dir", "data.workers",
 })
 RESUMABLE_SECTIONS = ("decode", "parallel")
 

@@ -4,21 +4,32 @@ for the splits train, valid and test (surrounding whitespace stripped, nothing e
 - synthetic: the embedded English->French grammar corpus (`s2s_jax.data.synthetic`).
 - text: a folder with {train,valid,test}.{src_lang,tgt_lang}, UTF-8, one sentence a line.
 - tfds: a TFDS translation dataset (default wmt14_translate/fr-en), read without TensorFlow
-  from data prepared in the array_record format under data.tfds_data_dir; data.tfds_manual_dir
-  prepares it first from archives the user downloaded. Nothing is ever downloaded here: data
-  that is not there is an immediate `DataError` that says what to fetch and where to put it.
+  from data prepared in the array_record format under data.tfds_data_dir. Data that is not
+  there is prepared first, by one process while the others wait: from the archives in
+  data.tfds_manual_dir when given, else downloaded by TFDS itself when data.download is on and
+  the download hosts answer a quick probe (`net.unreachable`). Otherwise the run stops at once
+  with a `DataError` that says what to fetch and where to put it.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import hashlib
 import json
+import logging
 import os
+import shutil
 import socket
+import tarfile
+import zipfile
+import zlib
 from typing import Any, Iterator, Sequence
 
 from s2s_jax.config import DataConfig
-from s2s_jax.data import synthetic
+from s2s_jax.data import net, synthetic
+from s2s_jax.parallel import devices
 
 SPLITS = ("train", "valid", "test")
 TFDS_SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # ours -> TFDS names
@@ -230,7 +241,7 @@ def read_text_corpus(folder: str, src_lang: str, tgt_lang: str) -> dict[str, lis
 # ----------------------------------------------------------------------------- TFDS
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   """An exception as one line (TFDS messages can run to hundreds of lines)."""
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
   return lines[0] if lines else type(e).__name__
@@ -252,7 +263,7 @@ def tfds_builder(cfg: DataConfig):
   try:
     return tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None)
   except Exception as e:  # DatasetNotFoundError, bad config name, ...: report, never traceback
-    raise DataError(f"data.tfds_name={cfg.tfds_name!r}: {_first_line(e)}") from None
+    raise DataError(f"data.tfds_name={cfg.tfds_name!r}: {first_line(e)}") from None
 
 
 def tfds_download_files(builder) -> dict[str, str]:
@@ -279,15 +290,21 @@ def tfds_download_files(builder) -> dict[str, str]:
   return files
 
 
-def _not_prepared(cfg: DataConfig, builder) -> DataError:
+def _not_prepared(cfg: DataConfig, builder, why: str) -> DataError:
   files = tfds_download_files(builder)
   fetch = (f"download {', '.join(files.values())} into a folder and pass "
            "--data.tfds_manual_dir=FOLDER" if files else
-           "prepare it on a machine with network access (tfds.builder(name, data_dir=DIR)"
-           ".download_and_prepare(file_format='array_record')) and pass --data.tfds_data_dir=DIR")
-  return DataError(f"TFDS dataset {cfg.tfds_name} is not prepared in {builder.data_dir} and is "
-                   f"never downloaded here: {fetch}; or use --data.source=text with your own "
-                   "files (see docs/data.md)")
+           "prepare it with --data.download=true where the network is reachable and pass "
+           "--data.tfds_data_dir=DIR")
+  return DataError(f"TFDS dataset {cfg.tfds_name} is not prepared in {builder.data_dir} and "
+                   f"{why}: {fetch}; or use --data.source=text with your own files "
+                   "(see docs/data.md)")
+
+
+def _download_urls(builder) -> list[str]:
+  """The URLs a builder downloads from (the WMT archives, else its registered checksums')."""
+  urls = [u for value in tfds_download_files(builder).values() for u in value.split()]
+  return urls or sorted(builder.url_infos or {})
 
 
 def registered_url_infos(builder) -> dict:
@@ -315,16 +332,58 @@ def _manual_url_infos(builder, manual: str, files: dict[str, str]) -> dict:
   return infos
 
 
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
+def unpack_archive(path: str, method, target: str) -> None:
+  """Unpacks `path` (TFDS ExtractMethod `method`) into the folder `target` (for a single
+  compressed file, GZIP or BZIP2, into the file `target`) with Python's tarfile (`untar`),
+  zipfile, gzip and bz2, through a temporary name; a DataError if the archive is damaged."""
+  from tensorflow_datasets.core.download import resource as resource_lib
+  kind = resource_lib.ExtractMethod
+  tmp = target + ".incomplete"
+  _remove(tmp)
+  try:
+    if method == kind.ZIP:
+      with zipfile.ZipFile(path) as z:
+        z.extractall(tmp)
+    elif method in (kind.GZIP, kind.BZIP2):
+      opener = gzip.open if method == kind.GZIP else bz2.open
+      with opener(path, "rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    else:  # TAR, TAR_GZ, TAR_STREAM, TAR_GZ_STREAM
+      untar(path, tmp)
+  except (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as e:
+    _remove(tmp)
+    raise unpack_error(path, e) from None
+  _remove(target)
+  os.replace(tmp, target)
+
+
+def untar(path: str, folder: str) -> None:
+  """Unpacks the tar archive `path` (any compression) into `folder`, with tarfile's
+  path-traversal-safe "data" filter (Python 3.11.4+)."""
+  os.makedirs(folder, exist_ok=True)
+  with tarfile.open(path) as t:
+    t.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+
+
+def unpack_error(path: str, e: BaseException) -> DataError:
+  why = " ".join(str(e).split())
+  return DataError(f"{path}: cannot unpack ({why}); is the download complete?")
+
+
 def extract_archives(manual: str, names: Sequence[str], extract_dir: str) -> None:
   """Unpacks the tar/zip archives `names` of `manual` where TFDS looks for earlier extractions.
 
   TFDS would extract them itself, but through tf.io.gfile (TensorFlow). It reuses an
-  existing `<extract_dir>/<METHOD>.<file name>` instead, so Python's tarfile/zipfile do it
-  here (path-traversal-safe "data" filter; into a temporary folder, then renamed).
+  existing `<extract_dir>/<METHOD>.<file name>` instead, so `unpack_archive` does it here,
+  again whenever the archive has changed since.
   """
-  import shutil
-  import tarfile
-  import zipfile
   from tensorflow_datasets.core.download import resource as resource_lib
   kinds = {resource_lib.ExtractMethod.TAR, resource_lib.ExtractMethod.TAR_GZ,
            resource_lib.ExtractMethod.ZIP}
@@ -338,23 +397,7 @@ def extract_archives(manual: str, names: Sequence[str], extract_dir: str) -> Non
     stamp = f"{st.st_size} {st.st_mtime_ns}\n"  # which archive the extraction came from
     if os.path.exists(target) and _read_text(target + ".from") == stamp:
       continue
-    shutil.rmtree(target, ignore_errors=True)
-    tmp = target + ".incomplete"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-      if method == resource_lib.ExtractMethod.ZIP:
-        with zipfile.ZipFile(path) as z:
-          z.extractall(tmp)
-      else:
-        with tarfile.open(path) as t:
-          safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.11.4+
-          t.extractall(tmp, **safe)
-    except (OSError, tarfile.TarError, zipfile.BadZipFile) as e:
-      shutil.rmtree(tmp, ignore_errors=True)
-      why = " ".join(str(e).split())
-      raise DataError(f"{path}: cannot unpack ({why}); is the download complete?") from None
-    os.replace(tmp, target)
+    unpack_archive(path, method, target)
     with open(target + ".from", "w") as f:
       f.write(stamp)
 
@@ -365,6 +408,57 @@ def _read_text(path: str) -> str:
       return f.read()
   except OSError:
     return ""
+
+
+class _Extractor:
+  """Stands in for TFDS's extractor (which writes through tf.io.gfile): `unpack_archive`."""
+
+  @contextlib.contextmanager
+  def tqdm(self):
+    yield
+
+  def extract(self, path, method, to_path):
+    import promise
+    unpack_archive(os.fspath(path), method, os.fspath(to_path))
+    return promise.Promise.resolve(to_path)
+
+
+@contextlib.contextmanager
+def _patched(obj, name: str, value):
+  """obj.name = value for the duration (restored, or deleted if obj had no own value)."""
+  missing = object()
+  own = vars(obj).get(name, missing)
+  setattr(obj, name, value)
+  try:
+    yield
+  finally:
+    if own is missing:
+      delattr(obj, name)
+    else:
+      setattr(obj, name, own)
+
+
+def _run_download_and_prepare(builder, config, what: str, url_infos: dict | None = None) -> None:
+  """builder.download_and_prepare in the array_record format (read without TensorFlow), with
+  archives unpacked without TensorFlow and `url_infos`, if given, as the builder's checksums;
+  a failure is a one-line DataError that starts with `what`."""
+  from tensorflow_datasets.core.download import extractor
+  try:
+    with contextlib.ExitStack() as stack:
+      stack.enter_context(_patched(extractor, "get_extractor", lambda *a, **k: _Extractor()))
+      if url_infos is not None:
+        stack.enter_context(_patched(type(builder), "url_infos", url_infos))
+      builder.download_and_prepare(download_config=config, file_format="array_record")
+  except DataError:
+    raise
+  except Exception as e:  # checksum mismatch, corrupt archive, missing module, HTTP error, ...
+    first = first_line(e)
+    hint = ""
+    if "importlib_resources" in first:
+      hint = " (pip install importlib_resources: tensorflow-datasets needs it, undeclared)"
+    elif "checksum" in first:
+      hint = " (not the file TFDS registered: an incomplete download, or another version)"
+    raise DataError(f"{what} failed: {type(e).__name__}: {first}{hint}") from None
 
 
 def prepare_from_manual_dir(cfg: DataConfig, builder) -> None:
@@ -383,28 +477,50 @@ def prepare_from_manual_dir(cfg: DataConfig, builder) -> None:
   extract_archives(manual, list(files), extract_dir)
   config = tfds.download.DownloadConfig(manual_dir=manual, extract_dir=extract_dir,
                                         try_download_gcs=False)
-  cls = type(builder)
-  own, patched = cls.__dict__.get("url_infos", None), False
-  try:
-    cls.url_infos, patched = _manual_url_infos(builder, manual, files), True  # for its downloader
-    builder.download_and_prepare(download_config=config, file_format="array_record")
-  except Exception as e:  # checksum mismatch, corrupt archive, missing module, ...
-    first = _first_line(e)
-    hint = ""
-    if "importlib_resources" in first:
-      hint = " (pip install importlib_resources: tensorflow-datasets needs it, undeclared)"
-    elif "checksum" in first:
-      hint = " (not the file TFDS registered: an incomplete download, or another version)"
-    raise DataError(f"preparing {cfg.tfds_name} from {manual} failed: {type(e).__name__}: "
-                    f"{first}{hint}") from None
-  finally:
-    if patched and own is None:
-      del cls.url_infos
-    elif patched:
-      cls.url_infos = own
+  _run_download_and_prepare(builder, config, f"preparing {cfg.tfds_name} from {manual}",
+                            _manual_url_infos(builder, manual, files))
 
 
-def _split_records(cfg: DataConfig, builder, split: str, prepared: bool) -> Sequence:
+def download_and_prepare(cfg: DataConfig, builder) -> None:
+  """Downloads the TFDS dataset with TFDS's own downloader (progress bars on stderr; archives
+  checked against the checksums TFDS registered for any dataset) into `<data dir>/downloads`,
+  and prepares it (array_record), if the download hosts answer; otherwise the DataError that
+  says what to fetch by hand, at once."""
+  urls = _download_urls(builder)
+  why = net.unreachable(urls)
+  if why:
+    raise _not_prepared(cfg, builder, f"cannot be downloaded from here ({why})")
+  tfds = _import_tfds()
+  from tensorflow_datasets.core import units
+  known = registered_url_infos(builder)
+  sizes = [int(known[u].size) for u in urls if u in known]
+  size = (f"{units.Size(sum(sizes))}{'' if len(sizes) == len(urls) else ' and more'}"
+          if sizes else "size unknown")
+  logging.info("TFDS dataset %s is not prepared: downloading %d files (%s) into %s, then "
+               "preparing it in %s", cfg.tfds_name, len(urls), size,
+               os.path.join(os.fspath(builder.data_dir_root), "downloads"), builder.data_dir)
+  config = tfds.download.DownloadConfig(try_download_gcs=False)
+  _run_download_and_prepare(builder, config,
+                            f"downloading and preparing {cfg.tfds_name} in {builder.data_dir}")
+
+
+def _prepared_builder(cfg: DataConfig):
+  """The builder of a prepared dataset: prepared first (manual dir, else download) if need be."""
+  builder = tfds_builder(cfg)
+  if builder.is_prepared():
+    return builder
+  if cfg.tfds_manual_dir:
+    prepare_from_manual_dir(cfg, builder)
+  elif not cfg.download:
+    raise _not_prepared(cfg, builder, "data.download=false")
+  else:
+    download_and_prepare(cfg, builder)
+  return builder
+
+
+
+
+def _split_records(cfg: DataConfig, builder, split: str) -> Sequence:
   """The records of one TFDS split (array_record: read without TensorFlow), or a DataError
   saying what is missing."""
   try:
@@ -412,13 +528,10 @@ def _split_records(cfg: DataConfig, builder, split: str, prepared: bool) -> Sequ
     len(source)
     return source
   except NotImplementedError:
-    if not prepared:
-      raise _not_prepared(cfg, builder) from None
+    pass
   except Exception as e:  # missing files, unknown split, ...
-    if not prepared:
-      raise _not_prepared(cfg, builder) from None
     raise DataError(f"{builder.data_dir}: cannot read split {split!r} of {cfg.tfds_name}: "
-                    f"{_first_line(e)}") from None
+                    f"{first_line(e)}") from None
   # Prepared in a format without random access (tfrecord): only TensorFlow reads that.
   try:
     import tensorflow  # noqa: F401
@@ -452,25 +565,21 @@ def _fetch(records: Sequence, keys: list[int]) -> Sequence:
 
 
 def _tfds_records(cfg: DataConfig) -> tuple[Any, dict[str, Sequence]]:
-  """(builder, {our split: records}) of a prepared TFDS dataset (prepared first from
-  data.tfds_manual_dir when given)."""
-  builder = tfds_builder(cfg)
-  prepared = builder.is_prepared()
-  if cfg.tfds_manual_dir and not prepared:
-    prepare_from_manual_dir(cfg, builder)
-    prepared = True
+  """(builder, {our split: records}) of a prepared TFDS dataset (prepared first if need be,
+  by process 0 while the others wait; every process calls this)."""
+  builder = devices.main_process_first(lambda: _prepared_builder(cfg))
   languages = list(getattr(builder.info.features, "languages", []) or [])
   for lang in (cfg.src_lang, cfg.tgt_lang):
     if languages and lang not in languages:
       raise DataError(f"TFDS dataset {cfg.tfds_name} has the languages {', '.join(languages)}, "
                       f"not {lang!r} (data.src_lang / data.tgt_lang)")
-  splits = list(builder.info.splits) if prepared else []
+  splits = list(builder.info.splits)
   records = {}
   for ours, theirs in TFDS_SPLITS.items():
     if splits and theirs not in splits:
       raise DataError(f"{builder.data_dir}: {cfg.tfds_name} has the splits {', '.join(splits)}, "
                       f"not {theirs!r} (used as {ours})")
-    records[ours] = _split_records(cfg, builder, theirs, prepared)
+    records[ours] = _split_records(cfg, builder, theirs)
   return builder, records
 
 
