@@ -25,6 +25,11 @@ class ModelConfig:
   init_scale: float = 0.08  # every parameter starts U(-init_scale, init_scale)
   compute_dtype: str = "float32"  # float32 | bfloat16 | auto: matmul operand dtype (params stay f32); auto = bfloat16 where the hardware has bf16 dot products, else float32, fixed when a run starts
   kernels: str = "auto"  # auto | plain | cpu: plain JAX, or s2s_jax/cpu_kernels.py (hand-written backward passes, faster on XLA:CPU); auto = cpu on a CPU backend, plain elsewhere
+  dropout: float = 0.0  # Zaremba et al. (2014): drop rate on the non-recurrent connections (embeddings, between layers, before the softmax) while training; 0 = off (the paper)
+  attention: str = "none"  # none (the paper) | dot | general | concat | location (Luong et al. 2015 global attention) | additive (Bahdanau et al. 2015) over the encoder's top layer
+  attention_positions: int = 100  # attention=location: source positions its weights cover (later positions of a longer source get no weight)
+  input_feeding: bool = False  # feed the attentional vector of step t-1 to the decoder with y_{t-1} (Luong et al. 2015; needs attention)
+  encoder: str = "uni"  # uni (the paper) | bi: the first encoder layer bidirectional, hidden_size/2 cells a direction (GNMT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,7 @@ class OptimConfig:
   decay_start_epoch: float = 5.0  # epoch of the first halving (the paper's "after 5 epochs")
   decay_every_epochs: float = 0.5  # then halve again every this many epochs
   decay_factor: float = 0.5  # multiply the rate by this at each decay step
+  label_smoothing: float = 0.0  # training loss on targets smoothed by optax.smooth_labels (weight this spread over the vocabulary); 0 = the paper's NLL
 
 
 @dataclasses.dataclass(frozen=True)

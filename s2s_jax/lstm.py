@@ -94,15 +94,19 @@ def layer(params: LayerParams, x_TxBxI: Array, mask_TxB: Array, h0_BxH: Array, c
 
 
 def stack(layers: list[LayerParams], x_TxBxI: Array, mask_TxB: Array, state: State,
-          dtype: jnp.dtype | None = None, run_layer: Callable = layer) -> tuple[Array, State]:
+          dtype: jnp.dtype | None = None, run_layer: Callable = layer,
+          dropout: Callable[[int, Array], Array] | None = None) -> tuple[Array, State]:
   """Runs L layers layer-major over the whole sequence.
 
   Returns the top layer's h at every step (TxBxH) and the final state of every layer.
   `run_layer`: `layer`, or a function computing the same (cpu_kernels.fused_layer).
+  `dropout(l, x)`: applied to the input of layer l (the non-recurrent connections only).
   """
   hs, cs = [], []
   inp = x_TxBxI
   for l, p in enumerate(layers):
+    if dropout is not None:
+      inp = dropout(l, inp)
     inp, (h, c) = run_layer(p, inp, mask_TxB, state.h_LxBxH[l], state.c_LxBxH[l], dtype)
     hs.append(h)
     cs.append(c)
@@ -110,11 +114,15 @@ def stack(layers: list[LayerParams], x_TxBxI: Array, mask_TxB: Array, state: Sta
 
 
 def stack_step(layers: list[LayerParams], x_BxI: Array, state: State,
-               dtype: jnp.dtype | None = None) -> tuple[Array, State]:
-  """One time step through all L layers (for decoding). Returns (top h BxH, new state)."""
+               dtype: jnp.dtype | None = None,
+               dropout: Callable[[int, Array], Array] | None = None) -> tuple[Array, State]:
+  """One time step through all L layers (for decoding). Returns (top h BxH, new state).
+  `dropout`: as in `stack`."""
   hs, cs = [], []
   inp = x_BxI
   for l, p in enumerate(layers):
+    if dropout is not None:
+      inp = dropout(l, inp)
     gx = matmul(inp, p["w_x"], dtype) + p["b"]
     h, c = cell(p["w_h"], gx, state.h_LxBxH[l], state.c_LxBxH[l], dtype)
     hs.append(h)

@@ -46,6 +46,8 @@ def make_optimizer(cfg: OptimConfig, steps_per_epoch: int) -> tuple[optax.Gradie
   optax.clip_by_global_norm(5) is exactly the paper's: s = ||g||, g <- 5 g / s if s > 5,
   with g the gradient of the batch loss (summed NLL / number of sentences).
   """
+  if not 0.0 <= cfg.label_smoothing < 1.0:
+    raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
   factory = getattr(optax, cfg.name, None)
   if factory is None or not callable(factory) or cfg.name.startswith("_"):
     raise ConfigError(f"optim.name={cfg.name!r} is not an optax optimizer "

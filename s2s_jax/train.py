@@ -51,15 +51,29 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, src_vocab: int,
   return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
 
 
+DROPOUT_STREAM = 1  # the dropout keys: fold_in(fold_in(PRNGKey(train.seed), this), step)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConfig,
                tx: optax.GradientTransformation, loss_fn: Callable = model.loss_fn,
-               reduce: Callable = lambda tree: tree) -> tuple[TrainState, dict[str, jax.Array]]:
+               reduce: Callable = lambda tree: tree, seed: int = 0,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the paper's loss. A non-finite loss or gradient leaves the state as it was.
 
   `loss_fn` and `reduce` come from the parallel strategy: a vocabulary-sharded loss, or under
   pmap each device's share of the loss and a psum of (loss, aux, grads) over devices.
+  With model.dropout > 0 the loss gets the step's dropout key, drawn from train.seed and the
+  state's step (so a resumed run draws what it would have drawn); `label_smoothing`
+  (optim.label_smoothing) goes to the loss too. With both off the step is the paper's.
   """
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg)
+  switches = {}
+  if cfg.dropout > 0:
+    stream = jax.random.fold_in(jax.random.PRNGKey(seed), DROPOUT_STREAM)
+    switches["rng"] = jax.random.fold_in(stream, state.step)
+  if label_smoothing > 0:
+    switches["label_smoothing"] = label_smoothing
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg,
+                                                                 **switches)
   loss, aux, grads = reduce((loss, aux, grads))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -86,14 +100,17 @@ def make_steps(cfg: Config, tx: optax.GradientTransformation,
   Without `strategy`: plain jit on the default device. With one (`parallel.make`): its loss
   and compiled steps, which take the state placed by `strategy.place` and global host batches.
   """
+  switches = dict(seed=cfg.train.seed, label_smoothing=cfg.optim.label_smoothing)
   if strategy is None:
-    train = jax.jit(functools.partial(train_step, cfg=cfg.model, tx=tx), donate_argnums=0)
+    train = jax.jit(functools.partial(train_step, cfg=cfg.model, tx=tx, **switches),
+                    donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, cfg=cfg.model))
     return train, evaluate
+  strategy.check_model(cfg.model, cfg.optim)
   strategy.check_optimizer(cfg.optim)
   return strategy.compile(
       functools.partial(train_step, cfg=cfg.model, tx=tx, loss_fn=strategy.loss,
-                        reduce=strategy.reduce),
+                        reduce=strategy.reduce, **switches),
       functools.partial(eval_step, cfg=cfg.model, loss_fn=strategy.loss))
 
 
@@ -165,6 +182,7 @@ class Trainer:
     self.strategy = parallel.make(cfg.parallel, num_layers=cfg.model.num_layers, batch_sizes={
         "train.batch_size": cfg.train.batch_size,
         "train.eval_batch_size": cfg.train.eval_batch_size})
+    self.strategy.check_model(cfg.model, cfg.optim)
     main_process = devices.is_main_process()
     if not main_process:  # logging, progress bar and metrics on process 0 only
       logging.getLogger().setLevel(logging.WARNING)

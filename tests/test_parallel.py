@@ -251,3 +251,69 @@ def test_distributed_initialize_reads_config_and_environment(monkeypatch):
   assert calls[-1] == {}
   with pytest.raises(ConfigError, match="JAX_PROCESS_ID='x' is not an integer"):
     parallel.initialize(ParallelConfig(distributed=True), environ={"JAX_PROCESS_ID": "x"})
+
+
+# Every switch beyond the paper at once: attention with input feeding, the bidirectional
+# encoder, dropout (masks drawn per global row) and label smoothing (vocabulary-sharded too).
+SWITCHED = override(CFG, {"model.attention": "general", "model.input_feeding": True,
+                          "model.encoder": "bi", "model.dropout": 0.2,
+                          "optim.label_smoothing": 0.1})
+
+
+@pytest.fixture(scope="module")
+def switched_runs(batches):
+  """(strategy, losses, device state) after 3 steps, per layout (None = one device)."""
+  runs = {}
+  for name in (None, "mesh2x4", "pmap8"):
+    strategy = None if name is None else parallel.make(LAYOUTS[name], num_layers=1)
+    train_fn = train.make_steps(SWITCHED, TX, strategy)[0]
+    state = train.init_state(SWITCHED, TX, VOCAB, VOCAB)
+    state = state if strategy is None else strategy.place(state)
+    losses = []
+    for b in batches[:3]:
+      state, metrics = train_fn(state, b)
+      losses.append(float(metrics["loss"]))
+    runs[name] = strategy, train_fn, losses, state
+  return runs
+
+
+def test_switches_train_like_one_device_under_mesh_and_pmap(switched_runs):
+  """Dropout masks follow the global row and the smoothed loss is summed like the NLL."""
+  _, _, ref_losses, ref_state = switched_runs[None]
+  for name in ("mesh2x4", "pmap8"):
+    _, _, losses, state = switched_runs[name]
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_close_trees(jax.device_get(state), jax.device_get(ref_state))
+
+
+def test_attention_checkpoints_restore_across_layouts(tmp_path, switched_runs, batches):
+  strategy, train_fn, _, sharded = switched_runs["mesh2x4"]
+  mngr = checkpoint.manager(str(tmp_path / "a"))
+  checkpoint.save(mngr, 3, sharded, {"epoch": 0, "index": 3, "seed": 0})
+  mngr.wait_until_finished()
+  one, _ = checkpoint.restore(mngr, 3, train.init_state(SWITCHED, TX, VOCAB, VOCAB))
+  assert "attention" in one.params and one.params["softmax"]["w"].sharding.num_devices == 1
+  assert_close_trees(jax.device_get(one), jax.device_get(sharded), rtol=0)
+  pmap_strategy, pmap_fn, _, _ = switched_runs["pmap8"]
+  eight, _ = checkpoint.restore(mngr, 3, pmap_strategy.place(
+      train.init_state(SWITCHED, TX, VOCAB, VOCAB)))
+  assert_close_trees(jax.device_get(eight), jax.device_get(sharded), rtol=0)
+  losses = [float(fn(s, batches[3])[1]["loss"]) for fn, s in (
+      (switched_runs[None][1], one), (train_fn, sharded), (pmap_fn, eight))]
+  np.testing.assert_allclose(losses[1:], [losses[0]] * 2, rtol=1e-5)
+
+
+def test_layers_strategy_refuses_the_switches(tmp_path, toy_corpus):
+  layout = parallel.make(ParallelConfig(strategy="layers", model=1, data=1), num_layers=1)
+  with pytest.raises(ConfigError, match="parallel.strategy=layers runs the paper's model only, "
+                                        "without model.attention, model.input_feeding, "
+                                        "model.encoder, model.dropout, optim.label_smoothing"):
+    train.make_steps(SWITCHED, TX, layout)
+  cfg = override(SWITCHED, {"data.source": "text", "data.path": toy_corpus,
+                            "data.tokenizer": "none", "parallel.strategy": "layers",
+                            "parallel.model": 1, "parallel.data": 1, "model.dropout": 0.0,
+                            "model.encoder": "uni", "model.input_feeding": False,
+                            "optim.label_smoothing": 0.0})
+  with pytest.raises(ConfigError, match=r"without model.attention: use parallel.strategy=mesh"):
+    train.train(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w")

@@ -73,9 +73,12 @@ def test_training_halves_validation_perplexity(toy_corpus, tmp_path):
       list(zip([0, 150, 300], ppls))
 
 
-def test_interrupted_run_resumes_to_identical_parameters(toy_corpus, tmp_path):
+@pytest.mark.parametrize("switches", [{}, {"model.dropout": 0.3, "model.attention": "general",
+                                          "model.input_feeding": True}])
+def test_interrupted_run_resumes_to_identical_parameters(toy_corpus, tmp_path, switches):
+  """Also with dropout: its masks come from train.seed and the step, so a resume redraws them."""
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
-  base = {"train.eval_every": 0, "train.checkpoint_every": 7}
+  base = {"train.eval_every": 0, "train.checkpoint_every": 7, **switches}
   train.train(tiny_config(toy_corpus, **base, **{"train.num_steps": 30}), full, progress=False)
   # stop after 16 steps (not on a checkpoint boundary: the final save covers it), then resume
   train.train(tiny_config(toy_corpus, **base, **{"train.num_steps": 16}), part, progress=False)

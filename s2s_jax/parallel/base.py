@@ -49,6 +49,10 @@ class Strategy(abc.ABC):
   def check_optimizer(self, cfg: OptimConfig) -> None:
     """A ConfigError for an optimizer this strategy cannot run exactly."""
 
+  def check_model(self, cfg: ModelConfig, optim: OptimConfig) -> None:
+    """A ConfigError for a model switch (model.attention, model.dropout, ...) or
+    optim.label_smoothing that this strategy does not run."""
+
   @abc.abstractmethod
   def shardings(self, state: Pytree) -> Pytree:
     """A NamedSharding per leaf of a placed train state (or params)."""
@@ -67,9 +71,10 @@ class Strategy(abc.ABC):
     return state
 
   @abc.abstractmethod
-  def loss(self, params: Pytree, batch: dict[str, jax.Array],
-           cfg: ModelConfig) -> tuple[jax.Array, dict]:
-    """model.loss_fn as the devices compute it, on placed params and a placed batch."""
+  def loss(self, params: Pytree, batch: dict[str, jax.Array], cfg: ModelConfig, *,
+           rng: jax.Array | None = None, label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
+    """model.loss_fn as the devices compute it, on placed params and a placed batch (`rng`,
+    `label_smoothing`: the training switches of model.loss_fn, for the whole global batch)."""
 
   def reduce(self, tree: Pytree) -> Pytree:
     """What the train step applies to (loss, aux, grads) before the update (a sum over

@@ -267,6 +267,17 @@ class LayersStrategy(base.Strategy):
           f"element on its own give the same steps): use one of "
           f"{', '.join(ELEMENTWISE_OPTIMIZERS)}, or parallel.strategy=mesh")
 
+  def check_model(self, cfg: ModelConfig, optim: OptimConfig) -> None:
+    """The wavefront runs the paper's model only: every switch beyond it is refused."""
+    on = [name for name, value in (("model.attention", cfg.attention != "none"),
+                                   ("model.input_feeding", cfg.input_feeding),
+                                   ("model.encoder", cfg.encoder != "uni"),
+                                   ("model.dropout", cfg.dropout > 0),
+                                   ("optim.label_smoothing", optim.label_smoothing > 0)) if value]
+    if on:
+      raise ConfigError(f"parallel.strategy=layers runs the paper's model only, without "
+                        f"{', '.join(on)}: use parallel.strategy=mesh or pmap for them")
+
   def shardings(self, state: Pytree) -> Pytree:
     """Encoder, decoder and softmax leaves of a stacked state split over the stage axis,
     everything else (embeddings, counters) replicated."""
@@ -312,9 +323,10 @@ class LayersStrategy(base.Strategy):
   def from_canonical(self, state: Pytree) -> Pytree:
     return self.place(state)
 
-  def loss(self, params: Pytree, batch: dict[str, Array],
-           cfg: ModelConfig) -> tuple[Array, dict]:
-    """model.loss_fn's contract for stacked params: the wavefront program in a shard_map."""
+  def loss(self, params: Pytree, batch: dict[str, Array], cfg: ModelConfig, *,
+           rng: Array | None = None, label_smoothing: float = 0.0) -> tuple[Array, dict]:
+    """model.loss_fn's contract for stacked params: the wavefront program in a shard_map
+    (the paper's model only, see `check_model`: `rng` and `label_smoothing` stay unused)."""
     if cfg.num_layers != self.layers:
       raise ValueError(f"model.num_layers={cfg.num_layers}, but the layout has "
                        f"{self.layers} layer stages")

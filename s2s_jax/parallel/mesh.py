@@ -36,13 +36,16 @@ def softmax_leaf(path: tuple) -> str | None:
 
 
 def vocab_sharded_log_probs(params: model.Params, h_TxBxH: jax.Array, tgt_TxB: jax.Array,
-                            cfg: ModelConfig) -> jax.Array:
+                            cfg: ModelConfig, label_smoothing: float = 0.0
+                            ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """A `pick` for model.loss_fn, run per device inside a shard_map over the `model` axis:
   log p(target) with this device holding only its H x V/m slice of the softmax.
 
   The log-sum-exp over the vocabulary is a psum of local exp-sums around a pmax-ed shift,
   and the target's logit comes from the one shard that owns its id; no device ever forms
-  logits over the full vocabulary.
+  logits over the full vocabulary. With `label_smoothing` e > 0, also the token losses of
+  model.target_log_probs, -(1 - e) log p(target) - e * mean_v log p(v), the mean from a psum
+  of the local logit sums.
   """
   logits_TxBxVm = model.project(params, h_TxBxH, cfg)
   vm = logits_TxBxVm.shape[-1]
@@ -54,7 +57,11 @@ def vocab_sharded_log_probs(params: model.Params, h_TxBxH: jax.Array, tgt_TxB: j
   picked_TxB = jnp.take_along_axis(logits_TxBxVm, jnp.clip(local_id_TxB, 0, vm - 1)[..., None],
                                    axis=-1)[..., 0]
   target_TxB = lax.psum(jnp.where(owned_TxB, picked_TxB, 0.0), MODEL)
-  return target_TxB - lse_TxB
+  if not label_smoothing:
+    return target_TxB - lse_TxB
+  mean_logit_TxB = lax.psum(jnp.sum(logits_TxBxVm, axis=-1), MODEL) / (vm * lax.axis_size(MODEL))
+  lp_TxB = target_TxB - lse_TxB
+  return lp_TxB, -(1.0 - label_smoothing) * lp_TxB - label_smoothing * (mean_logit_TxB - lse_TxB)
 
 
 class MeshStrategy(base.Strategy):
@@ -102,8 +109,8 @@ class MeshStrategy(base.Strategy):
 
     return jax.tree_util.tree_map_with_path(sharding, state)
 
-  def loss(self, params: Pytree, batch: dict[str, jax.Array],
-           cfg: ModelConfig) -> tuple[jax.Array, dict]:
+  def loss(self, params: Pytree, batch: dict[str, jax.Array], cfg: ModelConfig, *,
+           rng: jax.Array | None = None, label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
     """The loss and (through autodiff) its gradient run per device in a shard_map over the
     whole mesh.
 
@@ -118,12 +125,16 @@ class MeshStrategy(base.Strategy):
     the gradients against one device).
     """
     pick = vocab_sharded_log_probs if self.model_size > 1 else model.target_log_probs
+    smoothing = {"label_smoothing": label_smoothing} if label_smoothing else {}
 
-    def local(params, batch):
-      _, aux = model.loss_fn(params, batch, cfg, pick)
+    def local(params, batch, rng):
+      switches = dict(smoothing)
+      if rng is not None:  # this device's rows draw the dropout masks of their global rows
+        switches.update(rng=rng, first_row=lax.axis_index(DATA) * batch["tgt"].shape[0])
+      _, aux = model.loss_fn(params, batch, cfg, pick, **switches)
       aux = lax.psum(aux, DATA)
-      return aux["nll_sum"] / jnp.maximum(aux["num_sents"], 1), aux
+      return aux.get("loss_sum", aux["nll_sum"]) / jnp.maximum(aux["num_sents"], 1), aux
 
     specs = jax.tree_util.tree_map(lambda s: s.spec, self.shardings(params))
-    return jax.shard_map(local, mesh=self.mesh, in_specs=(specs, P(DATA)),
-                         out_specs=P(), check_vma=False)(params, batch)
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(specs, P(DATA), P()),
+                         out_specs=P(), check_vma=False)(params, batch, rng)

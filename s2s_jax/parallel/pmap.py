@@ -41,16 +41,20 @@ class PmapStrategy(base.Strategy):
   def shardings(self, state: Pytree) -> Pytree:
     return jax.tree_util.tree_map(lambda _: dev.replicated(self.mesh), state)
 
-  def loss(self, params: Pytree, batch: dict[str, jax.Array],
-           cfg: ModelConfig) -> tuple[jax.Array, dict]:
+  def loss(self, params: Pytree, batch: dict[str, jax.Array], cfg: ModelConfig, *,
+           rng: jax.Array | None = None, label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
     """Inside pmap: this device's share of the paper's loss, NLL sum / GLOBAL sentence count.
 
     The shares (and their gradients) psum to exactly the one-device loss (and gradient),
-    however the sentences and all-padding rows are spread over the devices.
+    however the sentences and all-padding rows are spread over the devices. The dropout masks
+    of a row are those of its global row, as on one device.
     """
-    _, aux = model.loss_fn(params, batch, cfg)
+    switches = {"label_smoothing": label_smoothing} if label_smoothing else {}
+    if rng is not None:
+      switches.update(rng=rng, first_row=lax.axis_index(DATA) * batch["tgt"].shape[0])
+    _, aux = model.loss_fn(params, batch, cfg, **switches)
     global_sents = lax.psum(aux["num_sents"], DATA)
-    return aux["nll_sum"] / jnp.maximum(global_sents, 1), aux
+    return aux.get("loss_sum", aux["nll_sum"]) / jnp.maximum(global_sents, 1), aux
 
   def reduce(self, tree: Pytree) -> Pytree:
     return lax.psum(tree, DATA)
