@@ -6,8 +6,11 @@ vocabulary, T output positions, R = B*W decoder rows (row b*W + w is hypothesis 
 The search functions are generic over a step function `step_fn(state, y_prev_R) ->
 (logp_RxV, state)` whose state leaves hold the rows on axis -2 (`ensemble.STATE_ROW_AXIS`);
 `greedy`, `beam` and `score` bind it to a model or an ensemble (see `s2s_jax.ensemble`).
+Leaves inside a `model.Memory` (what attention reads of the source) are the same for every
+hypothesis of a sentence: the beam copies them once per hypothesis and never reorders them.
 Everything runs in one `lax.while_loop` on device with static shapes; the host only sees the
-final arrays.
+final arrays. Asked for (`alignment`), the searches also return the attention weights of the
+hypotheses they return, one row over the source positions per output token.
 
 Beam search semantics (the paper's, by default):
 - Live hypotheses are extended by every word; of the W*V extensions of a sentence, the W best
@@ -43,7 +46,7 @@ import numpy as np
 
 from s2s_jax import cpu_kernels, ensemble
 from s2s_jax import model
-from s2s_jax.config import DecodeConfig, ModelConfig
+from s2s_jax.config import DecodeConfig
 from s2s_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID
 
 Array = jax.Array
@@ -57,6 +60,7 @@ class Hypotheses(NamedTuple):
   scores_BxN: Array  # the ranking score: log p, or log p / lp(|y|) with a length penalty
   log_probs_BxN: Array  # log p(y | x) (equal to scores_BxN when length_penalty == 0)
   steps: Array  # decoder steps the batch ran (the longest search in it), a scalar
+  attention_BxNxTxS: Array | None = None  # the weights of every output token (if asked)
 
 
 def max_output_length(src_len_B: Array, a: float, b: int) -> Array:
@@ -83,24 +87,32 @@ def _mask_non_words(logp_RxV: Array) -> Array:
 
 
 def _take_rows(state: Any, rows_R: Array) -> Any:
-  return jax.tree_util.tree_map(lambda x: jnp.take(x, rows_R, axis=ensemble.STATE_ROW_AXIS), state)
+  take = lambda x: x if isinstance(x, model.Memory) else jnp.take(
+      x, rows_R, axis=ensemble.STATE_ROW_AXIS)
+  return jax.tree_util.tree_map(take, state, is_leaf=lambda x: isinstance(x, model.Memory))
+
+
+AlignFn = Callable[[Any], Array]  # decoder state -> the last step's attention weights, RxS
 
 
 def greedy_search(step_fn: StepFn, state: Any, cap_B: Array, max_len: int,
-                  argmax: Callable[[Array], Array] = lambda x: jnp.argmax(x, axis=-1)
-                  ) -> tuple[Array, Array]:
+                  argmax: Callable[[Array], Array] = lambda x: jnp.argmax(x, axis=-1),
+                  alignment: AlignFn | None = None) -> tuple[Array, ...]:
   """Arg-max decoding of B sentences. Returns (tokens BxT, log p B); T = max_len.
-  `argmax`: jnp.argmax over the last axis, or a function computing the same."""
+  `argmax`: jnp.argmax over the last axis, or a function computing the same. With
+  `alignment`, also the weights of every output token, BxTxS."""
   b = cap_B.shape[0]
   init = (jnp.int32(0), state, jnp.full((b,), BOS_ID, jnp.int32), jnp.zeros((b,), bool),
           jnp.zeros((b,), jnp.float32), jnp.full((b, max_len), PAD_ID, jnp.int32))
+  if alignment is not None:
+    init += (jnp.zeros((b, max_len) + alignment(state).shape[1:], jnp.float32),)
 
   def cond(carry):
-    t, _, _, done_B, _, _ = carry
+    t, _, _, done_B, _, _ = carry[:6]
     return (t < max_len) & ~jnp.all(done_B)
 
   def body(carry):
-    t, state, y_prev_B, done_B, logp_B, tokens_BxT = carry
+    t, state, y_prev_B, done_B, logp_B, tokens_BxT = carry[:6]
     logp_BxV, state = step_fn(state, y_prev_B)
     logp_BxV = _mask_non_words(logp_BxV)
     y_B = argmax(logp_BxV).astype(jnp.int32)
@@ -109,18 +121,24 @@ def greedy_search(step_fn: StepFn, state: Any, cap_B: Array, max_len: int,
     logp_B = logp_B + jnp.where(done_B, 0.0, lp_B)
     y_B = jnp.where(done_B, PAD_ID, y_B)
     tokens_BxT = tokens_BxT.at[:, t].set(y_B)
-    return t + 1, state, y_B, done_B | (y_B == EOS_ID), logp_B, tokens_BxT
+    out = (t + 1, state, y_B, done_B | (y_B == EOS_ID), logp_B, tokens_BxT)
+    if alignment is not None:
+      out += (carry[6].at[:, t].set(alignment(state)),)
+    return out
 
-  _, _, _, _, logp_B, tokens_BxT = jax.lax.while_loop(cond, body, init)
-  return tokens_BxT, logp_B
+  out = jax.lax.while_loop(cond, body, init)
+  return (out[5], out[4]) + out[6:]
 
 
 def beam_search(step_fn: StepFn, state: Any, cap_B: Array, *, beam_size: int, nbest: int,
-                max_len: int, length_penalty: float = 0.0, early_stop: bool = True) -> Hypotheses:
+                max_len: int, length_penalty: float = 0.0, early_stop: bool = True,
+                alignment: AlignFn | None = None) -> Hypotheses:
   """Beam search of B sentences (semantics in the module docstring).
 
   `state` has B rows (one per sentence); it is replicated to B*W rows here. With
-  `early_stop=False` every sentence runs to its cap (for tests of the stop rule).
+  `early_stop=False` every sentence runs to its cap (for tests of the stop rule). With
+  `alignment`, each hypothesis carries the weights of its tokens along (BxWxTxS), and the
+  n-best ones come back in `attention_BxNxTxS`.
   """
   if not 1 <= nbest <= beam_size:
     raise ValueError(f"nbest must be between 1 and the beam size {beam_size}, got {nbest}")
@@ -136,6 +154,10 @@ def beam_search(step_fn: StepFn, state: Any, cap_B: Array, *, beam_size: int, nb
       fin_score_BxN=jnp.full((b, n), NEG_INF, jnp.float32),
       fin_lp_BxN=jnp.full((b, n), NEG_INF, jnp.float32),
       done_B=jnp.zeros((b,), bool))
+  if alignment is not None:
+    src = alignment(state).shape[1:]
+    init.update(live_att_BxWxTxS=jnp.zeros((b, w, t_max) + src, jnp.float32),
+                fin_att_BxNxTxS=jnp.zeros((b, n, t_max) + src, jnp.float32))
   normalize = ((lambda lp, length: lp / length_penalty_factor(length, length_penalty))
                if length_penalty else (lambda lp, length: lp))
 
@@ -174,6 +196,18 @@ def beam_search(step_fn: StepFn, state: Any, cap_B: Array, *, beam_size: int, nb
     y_BxW = jnp.take_along_axis(tok_Bx2W, sel_BxW, axis=1)
     parent_BxW = jnp.take_along_axis(parent_Bx2W, sel_BxW, axis=1)
     rows_R = (jnp.arange(b)[:, None] * w + parent_BxW).reshape(-1)
+    out = {}
+    if alignment is not None:  # the same bookkeeping as the tokens': parent's, then this step's
+      a_RxS = alignment(state)
+      a_BxWxS = a_RxS.reshape((b, w) + a_RxS.shape[1:])
+      att_Bx2WxTxS = jnp.take_along_axis(c["live_att_BxWxTxS"], parent_Bx2W[:, :, None, None],
+                                         axis=1)
+      att_Bx2WxTxS = att_Bx2WxTxS.at[:, :, t].set(
+          jnp.take_along_axis(a_BxWxS, parent_Bx2W[:, :, None], axis=1))
+      all_att = jnp.concatenate([c["fin_att_BxNxTxS"], att_Bx2WxTxS], axis=1)
+      out["fin_att_BxNxTxS"] = jnp.take_along_axis(all_att, pick_BxN[:, :, None, None], axis=1)
+      out["live_att_BxWxTxS"] = jnp.take_along_axis(att_Bx2WxTxS, sel_BxW[:, :, None, None],
+                                                    axis=1)
     state = _take_rows(state, rows_R)
 
     best_live_B = live_lp_BxW[:, 0]
@@ -184,40 +218,53 @@ def beam_search(step_fn: StepFn, state: Any, cap_B: Array, *, beam_size: int, nb
       stop_B |= best_live_B <= fin_score_BxN[:, n - 1]
     return dict(t=t + 1, state=state, y_prev_R=y_BxW.reshape(-1), live_lp_BxW=live_lp_BxW,
                 live_tok_BxWxT=live_tok_BxWxT, fin_tok_BxNxT=fin_tok_BxNxT,
-                fin_score_BxN=fin_score_BxN, fin_lp_BxN=fin_lp_BxN, done_B=c["done_B"] | stop_B)
+                fin_score_BxN=fin_score_BxN, fin_lp_BxN=fin_lp_BxN, done_B=c["done_B"] | stop_B,
+                **out)
 
   out = jax.lax.while_loop(cond, body, init)
-  return Hypotheses(out["fin_tok_BxNxT"], out["fin_score_BxN"], out["fin_lp_BxN"], out["t"])
+  return Hypotheses(out["fin_tok_BxNxT"], out["fin_score_BxN"], out["fin_lp_BxN"], out["t"],
+                    out.get("fin_att_BxNxTxS"))
 
 
-def _model_step(params: model.Params, cfg: ModelConfig) -> StepFn:
+def _model_step(params: model.Params, cfg: ensemble.ModelCfg) -> StepFn:
   return lambda state, y_prev: ensemble.decoder_step(params, state, y_prev, cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "len_a", "len_b"))
-def greedy(params: model.Params, src_BxS: Array, *, cfg: ModelConfig, max_len: int,
-           len_a: float = 1.5, len_b: int = 10) -> tuple[Array, Array]:
-  """Arg-max decoding with a model or a stacked ensemble. Returns (tokens BxT, log p B)."""
+def _alignment(cfg: ensemble.ModelCfg, wanted: bool) -> AlignFn | None:
+  return (lambda state: ensemble.alignment(state, cfg)) if wanted else None
+
+
+def _kernels_on(cfg: ensemble.ModelCfg) -> bool:
+  return all(model.cpu_kernels_on(c) for c in (cfg if isinstance(cfg, tuple) else (cfg,)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "len_a", "len_b", "alignment"))
+def greedy(params: model.Params, src_BxS: Array, *, cfg: ensemble.ModelCfg, max_len: int,
+           len_a: float = 1.5, len_b: int = 10, alignment: bool = False) -> tuple[Array, ...]:
+  """Arg-max decoding with a model or an ensemble. Returns (tokens BxT, log p B) and, with
+  `alignment`, the attention weights BxTxS."""
   state = ensemble.encode(params, src_BxS, cfg)
-  argmax = cpu_kernels.argmax if model.cpu_kernels_on(cfg) else (lambda x: jnp.argmax(x, axis=-1))
+  argmax = cpu_kernels.argmax if _kernels_on(cfg) else (lambda x: jnp.argmax(x, axis=-1))
   return greedy_search(_model_step(params, cfg), state, source_caps(src_BxS, max_len, len_a, len_b),
-                       max_len, argmax)
+                       max_len, argmax, _alignment(cfg, alignment))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "beam_size", "nbest", "max_len", "len_a",
-                                             "len_b", "length_penalty"))
-def beam(params: model.Params, src_BxS: Array, *, cfg: ModelConfig, beam_size: int, nbest: int = 1,
-         max_len: int, len_a: float = 1.5, len_b: int = 10,
-         length_penalty: float = 0.0) -> Hypotheses:
-  """Beam search with a model or a stacked ensemble; the encoder runs once per batch."""
+                                             "len_b", "length_penalty", "alignment"))
+def beam(params: model.Params, src_BxS: Array, *, cfg: ensemble.ModelCfg, beam_size: int,
+         nbest: int = 1, max_len: int, len_a: float = 1.5, len_b: int = 10,
+         length_penalty: float = 0.0, alignment: bool = False) -> Hypotheses:
+  """Beam search with a model or an ensemble; the encoder runs once per batch. `alignment`:
+  also return the attention weights of the hypotheses (Hypotheses.attention_BxNxTxS)."""
   state = ensemble.encode(params, src_BxS, cfg)
   return beam_search(_model_step(params, cfg), state, source_caps(src_BxS, max_len, len_a, len_b),
                      beam_size=beam_size, nbest=nbest, max_len=max_len,
-                     length_penalty=length_penalty)
+                     length_penalty=length_penalty, alignment=_alignment(cfg, alignment))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def score(params: model.Params, src_BxS: Array, tgt_BxT: Array, *, cfg: ModelConfig) -> Array:
+def score(params: model.Params, src_BxS: Array, tgt_BxT: Array, *,
+          cfg: ensemble.ModelCfg) -> Array:
   """log p(y | x) of each (source, target) row under a model or an ensemble, B."""
   return jnp.sum(ensemble.token_log_probs(params, {"src": src_BxS, "tgt": tgt_BxT}, cfg), axis=1)
 
@@ -229,6 +276,7 @@ class Translation(NamedTuple):
   tokens: list[int]  # target ids without </s>
   score: float  # ranking score (see Hypotheses)
   log_prob: float  # log p(y | x), </s> included
+  attention: np.ndarray | None = None  # weights per token over the source ids, len(tokens) x |x|
 
 
 MIN_PADDED_LEN = 16  # source and target lengths are padded to powers of two, at least this
@@ -261,13 +309,15 @@ def _progress(total: int, enabled: bool, unit: str):
   return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def translate_ids(params: model.Params, cfg: ModelConfig, sources: Sequence[Sequence[int]],
-                  dcfg: DecodeConfig, *, progress: bool = False) -> list[list[Translation]]:
+def translate_ids(params: model.Params, cfg: ensemble.ModelCfg, sources: Sequence[Sequence[int]],
+                  dcfg: DecodeConfig, *, progress: bool = False,
+                  alignment: bool = False) -> list[list[Translation]]:
   """N-best translations (dcfg.nbest, best first) of every source id list, in input order.
 
   Sentences are sorted by length and decoded dcfg.batch_size at a time, the source padded to
   `_padded_length`, so few programs get compiled; beam_size 1 runs `greedy`. An empty source
-  gets an empty translation without decoding.
+  gets an empty translation without decoding. `alignment`: fill Translation.attention (the
+  model needs attention).
   """
   if dcfg.beam_size < 1 or not 1 <= dcfg.nbest <= dcfg.beam_size:
     raise ValueError(f"decode.beam_size must be >= 1 and 1 <= decode.nbest <= beam_size, got "
@@ -278,15 +328,24 @@ def translate_ids(params: model.Params, cfg: ModelConfig, sources: Sequence[Sequ
   bar = _progress(len(todo), progress and len(chunks) > 1, "sent")
 
   def collect(idx: list[int], out: Any) -> None:
+    att_BxNxTxS = None
     if dcfg.beam_size == 1:
-      tok_BxT, lp_B = jax.device_get(out)
+      tok_BxT, lp_B, *att = jax.device_get(out)
       tok_BxNxT, score_BxN, lp_BxN = tok_BxT[:, None], lp_B[:, None], lp_B[:, None]
+      att_BxNxTxS = att[0][:, None] if att else None
     else:
-      tok_BxNxT, score_BxN, lp_BxN, _ = jax.device_get(out)
+      tok_BxNxT, score_BxN, lp_BxN, _, att_BxNxTxS = jax.device_get(out)
+
+    def weights(r: int, k: int, n: int):
+      return None if att_BxNxTxS is None else att_BxNxTxS[r, k, :n, :len(sources[idx[r]])]
+
     for r, i in enumerate(idx):  # unused n-best slots (score -inf) are dropped
-      results[i] = [Translation(_strip(tok_BxNxT[r, k]), float(score_BxN[r, k]),
-                                float(lp_BxN[r, k]))
-                    for k in range(tok_BxNxT.shape[1]) if np.isfinite(score_BxN[r, k])]
+      results[i] = []
+      for k in range(tok_BxNxT.shape[1]):
+        if np.isfinite(score_BxN[r, k]):
+          tokens = _strip(tok_BxNxT[r, k])
+          results[i].append(Translation(tokens, float(score_BxN[r, k]), float(lp_BxN[r, k]),
+                                        weights(r, k, len(tokens))))
     if bar is not None:
       bar.update(len(idx))
 
@@ -299,6 +358,8 @@ def translate_ids(params: model.Params, cfg: ModelConfig, sources: Sequence[Sequ
       src[r, :len(sources[i])] = sources[i]
     max_len = int(math.floor(dcfg.max_len_a * s_len)) + dcfg.max_len_b
     kw = dict(cfg=cfg, max_len=max_len, len_a=dcfg.max_len_a, len_b=dcfg.max_len_b)
+    if alignment:
+      kw["alignment"] = True
     if dcfg.beam_size == 1:
       out = greedy(params, src, **kw)
     else:
@@ -325,7 +386,7 @@ def _strip(ids_T: np.ndarray) -> list[int]:
   return out
 
 
-def score_ids(params: model.Params, cfg: ModelConfig,
+def score_ids(params: model.Params, cfg: ensemble.ModelCfg,
               pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 64, *,
               progress: bool = False) -> list[float]:
   """log p(y | x) of every (source ids, target ids) pair; </s> is appended to each target here."""

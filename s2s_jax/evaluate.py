@@ -43,7 +43,7 @@ def perplexity(m: translate.Loaded, pairs: Sequence[tuple[str, str]]) -> tuple[f
     if st and tt:
       examples.append(pipeline.encode_pair(st, tt, m.src_vocab, m.tgt_vocab,
                                            cfg.data.reverse_source))
-  eval_fn = jax.jit(functools.partial(ensemble.eval_step, cfg=cfg.model))
+  eval_fn = jax.jit(functools.partial(ensemble.eval_step, cfg=m.model_cfg))
   batches = pipeline.eval_batches(examples, cfg.train.eval_batch_size, cfg.data.bucket_width,
                                   cfg.data.bucket_growth)
   nll, ppl = decode.perplexity(eval_fn, m.params, batches)

@@ -72,7 +72,7 @@ def rescore(m: translate.Loaded, src_lines: Sequence[str], entries: Sequence[Ent
   src_ids = translate.encode_sources(m, src_lines)
   tok = translate.tokenizer(m, "tgt")
   pairs = [(src_ids[e.id], m.tgt_vocab.encode(tok(e.hyp) if e.hyp else [])) for e in entries]
-  lstm = decode.score_ids(m.params, m.cfg.model, pairs, m.cfg.decode.batch_size,
+  lstm = decode.score_ids(m.params, m.model_cfg, pairs, m.cfg.decode.batch_size,
                           progress=progress)
   return lstm, [(1.0 - weight) * e.score + weight * lp for e, lp in zip(entries, lstm)]
 

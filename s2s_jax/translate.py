@@ -25,7 +25,7 @@ from s2s_jax import config as config_lib
 from s2s_jax import decode
 from s2s_jax import ensemble
 from s2s_jax import model
-from s2s_jax.config import Config, ConfigError, DecodeConfig
+from s2s_jax.config import Config, ConfigError, DecodeConfig, ModelConfig
 from s2s_jax.data import pipeline, sources, tokenize
 from s2s_jax.data.vocab import Vocab
 
@@ -39,6 +39,12 @@ class Loaded(NamedTuple):
   tgt_vocab: Vocab
   steps: list[int]  # checkpoint step of each member
   workdir: str  # the first WORKDIR (its config, vocabularies and tokenizer models are used)
+  members: tuple[ModelConfig, ...] | None = None  # an ensemble of different members: theirs
+
+  @property
+  def model_cfg(self) -> ensemble.ModelCfg:
+    """The model config(s) that decoding and scoring take with `params`."""
+    return self.cfg.model if self.members is None else self.members
 
 
 def add_model_flags(parser: argparse.ArgumentParser,
@@ -58,14 +64,15 @@ def add_model_flags(parser: argparse.ArgumentParser,
 def load(workdirs: Sequence[str], decode_updates: Mapping[str, Any] | None = None) -> Loaded:
   """The model of one WORKDIR, or the ensemble of several, with `{'decode.field': value}`
   overrides (strings are parsed by the field's type) applied to the first one's config."""
-  cfg, params, src_vocab, tgt_vocab, steps = ensemble.load(workdirs)
+  cfg, params, src_vocab, tgt_vocab, steps, model_cfg = ensemble.load(workdirs)
   cfg = config_lib.override(cfg, decode_updates or {})
   d = cfg.decode
   if d.beam_size < 1 or not 1 <= d.nbest <= d.beam_size or d.batch_size < 1 or d.max_input_len < 1:
     raise ConfigError("decode settings need beam_size >= 1, 1 <= nbest <= beam_size, "
                       f"batch_size >= 1 and max_input_len >= 1; got {d}")
   logging.info("loaded %d model(s) from %s at step(s) %s", len(steps), ", ".join(workdirs), steps)
-  return Loaded(cfg, params, src_vocab, tgt_vocab, steps, workdirs[0])
+  return Loaded(cfg, params, src_vocab, tgt_vocab, steps, workdirs[0],
+                model_cfg if isinstance(model_cfg, tuple) else None)
 
 
 def load_from_flags(args: argparse.Namespace) -> Loaded:
@@ -108,7 +115,7 @@ def translate_lines(m: Loaded, lines: Sequence[str], name: str = "input",
                     progress: bool = True) -> list[list[decode.Translation]]:
   """N-best translations (target ids) of raw source lines, in order."""
   ids = encode_sources(m, lines, name, m.cfg.decode.max_input_len)
-  return decode.translate_ids(m.params, m.cfg.model, ids, m.cfg.decode, progress=progress)
+  return decode.translate_ids(m.params, m.model_cfg, ids, m.cfg.decode, progress=progress)
 
 
 def format_output(m: Loaded, results: Sequence[Sequence[decode.Translation]]) -> list[str]:
