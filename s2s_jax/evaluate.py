@@ -1,7 +1,7 @@
 """Evaluate a model or an ensemble: both BLEU figures and perplexity.
 
     python -m s2s_jax.evaluate --workdir DIR --src FILE --ref FILE [--beam_size B]
-        [--ensemble DIR2 ...] [--output FILE]
+        [--ensemble DIR2 ...] [--output FILE] [--replace_unk [--unk_dict FILE]]
     python -m s2s_jax.evaluate --workdir DIR --split test
     python -m s2s_jax.evaluate --workdir DIR --testset wmt14/full
 
@@ -13,7 +13,8 @@ evaluates that split of the configured corpus (raw pairs from `sources.load_pair
 with the WORKDIR's saved vocabularies), so it gives the same figures as --src/--ref on the
 same files. `--testset NAME` evaluates a sacreBLEU test set in the model's language pair,
 fetched once through sacreBLEU's cache (`s2s_jax.data.testsets`). Results are printed as JSON
-and written to WORKDIR/eval_<name>.json.
+and written to WORKDIR/eval_<name>.json. --replace_unk [--unk_dict FILE] (attention models):
+unknown-word replacement before scoring, as in `s2s_jax.translate` (perplexity is unchanged).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -51,22 +52,28 @@ def perplexity(m: translate.Loaded, pairs: Sequence[tuple[str, str]]) -> tuple[f
 
 
 def evaluate(m: translate.Loaded, pairs: Sequence[tuple[str, str]], name: str,
-             progress: bool = True) -> tuple[dict[str, Any], list[list[str]]]:
-  """Translates the sources, scores them against the targets. Returns (results, output tokens)."""
-  results = translate.translate_lines(m, [s for s, _ in pairs], name, progress)
-  hyp_tokens = [m.tgt_vocab.decode(r[0].tokens) for r in results]
+             progress: bool = True, unk_dict: Mapping[str, str] | None = None
+             ) -> tuple[dict[str, Any], list[list[str]]]:
+  """Translates the sources, scores them against the targets. Returns (results, output tokens).
+  `unk_dict`: replace unknown words (`translate.output_words`; {} copies the source word)."""
+  tokens = translate.source_tokens(m, [s for s, _ in pairs], name, m.cfg.decode.max_input_len)
+  results = translate.translate_tokens(m, tokens, progress, alignment=unk_dict is not None)
+  hyp_tokens = [translate.output_words(m, r[0], toks, unk_dict) for r, toks in zip(results, tokens)]
   scores = bleu.score_translations(hyp_tokens, [t for _, t in pairs], m.cfg.data.tokenizer,
                                    m.cfg.data.tgt_lang, m.workdir)
   nll, ppl, tokens = perplexity(m, pairs)
   d = m.cfg.decode
   out = {"name": name, "sentences": len(pairs), **scores, "perplexity": ppl, "nll_per_token": nll,
          "ppl_tokens": tokens, "beam_size": d.beam_size, "length_penalty": d.length_penalty,
-         "max_len_a": d.max_len_a, "max_len_b": d.max_len_b, "checkpoint_steps": m.steps}
+         "max_len_a": d.max_len_a, "max_len_b": d.max_len_b, "checkpoint_steps": m.steps,
+         "replace_unk": unk_dict is not None}
   return out, hyp_tokens
 
 
 def save_results(results: dict[str, Any], workdir: str) -> str:
+  """WORKDIR/eval_<name>.json (eval_<name>_replace_unk.json with unknown-word replacement)."""
   safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in results["name"])
+  safe += "_replace_unk" if results.get("replace_unk") else ""
   path = os.path.join(workdir, f"eval_{safe}.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2, sort_keys=True)
@@ -83,7 +90,9 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--split", help="evaluate this split of the configured corpus (e.g. test)")
   parser.add_argument("--testset", help="evaluate this sacreBLEU test set (e.g. wmt14/full)")
   parser.add_argument("--output", help="also write the translations (detokenized) to this file")
+  translate.add_unk_flags(parser)
   args = parser.parse_args(argv)
+  unk_dict = translate.unk_dict_from_flags(args)
   if (bool(args.split) + bool(args.src or args.ref) + bool(args.testset) != 1
       or bool(args.src) != bool(args.ref)):
     parser.error("give either --src FILE and --ref FILE, --split NAME or --testset NAME")
@@ -102,7 +111,7 @@ def _main(argv: Sequence[str] | None) -> int:
       raise ValueError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}: "
                        "one reference per source line is needed")
     pairs, name = list(zip(src, ref)), os.path.basename(args.src)
-  results, hyp_tokens = evaluate(m, pairs, name)
+  results, hyp_tokens = evaluate(m, pairs, name, unk_dict=unk_dict)
   if args.output:
     detok = translate.detokenizer(m)
     translate.write_lines([detok(t) for t in hyp_tokens], args.output)

@@ -76,6 +76,8 @@ CASES = {  # module -> its arguments (ctx fields in braces)
     "s2s_jax.analysis.by_length": _case(*WORKDIR, "--beam_size", "1", "--out", "{out}"),
     "s2s_jax.analysis.long_examples": _case(*WORKDIR, "--beam_size", "1", "--out", "{out}"),
     "s2s_jax.analysis.pca": _case(*WORKDIR, "--out", "{out}"),
+    "s2s_jax.analysis.attention": None,  # needs an attention model: tests/test_attention_cli.py
+    "s2s_jax.average": _case(*WORKDIR, "--last", "2", "--out", "{tmp}/averaged"),
     "s2s_jax.data.schwenk": None,  # needs its archives: tests/test_schwenk.py runs its main
     "benchmarks.data": _case("--pairs", "600", "--from", "{corpus}"),
     "benchmarks.moses": _case("--sentences", "50"),
