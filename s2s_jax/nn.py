@@ -77,7 +77,10 @@ def _init_entries(key: Array, cfg: ModelConfig, src_vocab: int, tgt_vocab: int,
 
 def _check(cfg: ModelConfig, params: Params, names: Iterable[str]) -> None:
   """Raises ValueError naming the first of `params`' entries `names` whose structure or
-  shapes are not those `model.init_params` gives under `cfg`."""
+  shapes are not those `model.init_params` gives under `cfg` (or the config has attention)."""
+  if cfg.attention != "none":
+    raise ValueError(f"s2s_jax.nn holds the paper's model; model.attention={cfg.attention!r} "
+                     "runs through the functions of s2s_jax.model")
   names = list(names)
   missing = [n for n in names if n not in params]
   if missing:
