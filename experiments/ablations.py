@@ -219,18 +219,22 @@ def in_length_perplexity(workdirs: Sequence[str], split: str = "test",
 
 
 def evaluate_models(workdirs: Sequence[str], beam_size: int, split: str = "test",
-                    max_sentences: int = 0) -> dict[str, Any]:
+                    max_sentences: int = 0, replace_unk: bool = False) -> dict[str, Any]:
   """BLEU both ways, test perplexity (all pairs, and those within the training length) and
-  decoding speed of one model or an ensemble."""
+  decoding speed of one model or an ensemble; `replace_unk`: with unknown-word replacement
+  (attention models, `translate.output_words`)."""
 
   m = translate.load(list(workdirs), {"decode.beam_size": beam_size, "decode.nbest": 1})
   # The raw pairs do not depend on the source direction; share them between models.
   pairs = _eval_pairs(dataclasses.replace(m.cfg.data, reverse_source=True), split, max_sentences)
   srcs, refs = [s for s, _ in pairs], [t for _, t in pairs]
   start = time.perf_counter()
-  results = translate.translate_lines(m, srcs, split, progress=False)
+  tokens = translate.source_tokens(m, srcs, split, m.cfg.decode.max_input_len)
+  results = translate.translate_tokens(m, tokens, progress=False, alignment=replace_unk)
   seconds = time.perf_counter() - start
-  hyp_tokens = [m.tgt_vocab.decode(r[0].tokens) if r else [] for r in results]
+  unk_dict = {} if replace_unk else None
+  hyp_tokens = [translate.output_words(m, r[0], t, unk_dict) if r else []
+                for r, t in zip(results, tokens)]
   scores = bleu.score_translations(hyp_tokens, refs, m.cfg.data.tokenizer, m.cfg.data.tgt_lang,
                                    workdir=m.workdir)
   _, ppl, _ = evaluate.perplexity(m, pairs)
@@ -461,14 +465,28 @@ def markdown(table: dict[str, Any], rows: Sequence[Row]) -> str:
                  f"{short_ppl} {_fmt(rec.get('train_wps'), ',.0f')} | "
                  f"{_fmt(rec.get('decode_wps'), ',.0f')} | {paper} |")
   lines += ["", "Findings (measured):", ""] + [f"- {f}" for f in findings(table, rows)]
-  trained = table.get("models", {})
-  if trained:
-    lines += ["", "| Model | steps | valid ppl | train words/s | training s (last run) |",
-              "|---|---:|---:|---:|---:|"]
-    for name, rec in trained.items():
-      lines.append(f"| {name} | {rec.get('step')} | {_fmt(rec.get('valid_ppl'), '.3f')} | "
-                   f"{_fmt(rec.get('train_wps'), ',.0f')} | {_fmt(rec.get('seconds_this_run'), '.0f')} |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + models_table(table.get("models", {}))) + "\n"
+
+
+def models_table(trained: dict[str, Any]) -> list[str]:
+  """Markdown lines of the trained models' table (none when there are none)."""
+  if not trained:
+    return []
+  lines = ["", "| Model | steps | valid ppl | train words/s | training s (last run) |",
+           "|---|---:|---:|---:|---:|"]
+  for name, rec in trained.items():
+    lines.append(f"| {name} | {rec.get('step')} | {_fmt(rec.get('valid_ppl'), '.3f')} | "
+                 f"{_fmt(rec.get('train_wps'), ',.0f')} | {_fmt(rec.get('seconds_this_run'), '.0f')} |")
+  return lines
+
+
+def exit_status(table: dict[str, Any]) -> int:
+  """A runner's exit status: 1 (saying so) when rows failed, 130 when interrupted, else 0."""
+  if table["failed"]:
+    print(f"error: {len(table['failed'])} row(s) failed to evaluate (see the log); rerun the same "
+          "command to retry them", file=sys.stderr)
+    return 1
+  return 130 if table["interrupted"] else 0
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -486,11 +504,7 @@ def _main(argv: Sequence[str] | None) -> int:
               meta={"base": base_name, "overrides": updates})
   _, rows = plan(base)
   print(markdown(table, rows))
-  if table["failed"]:
-    print(f"error: {len(table['failed'])} row(s) failed to evaluate (see the log); rerun the same "
-          "command to retry them", file=sys.stderr)
-    return 1
-  return 130 if table["interrupted"] else 0
+  return exit_status(table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
