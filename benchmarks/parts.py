@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     return metrics
 
   rows = [("train step (donated state)", median_ms(full_step, reps=args.reps))]
-  params = holder["state"]["params"]
+  params = holder["state"].params
   rows.append(("loss forward", median_ms(jax.jit(lambda p, b: model.loss_fn(p, b, cfg.model)[0]),
                                          params, batch, reps=args.reps)))
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
