@@ -1,14 +1,16 @@
 """Benchmark s2s_jax against the PyTorch reference, side by side in one process.
 
-  python -m benchmarks.compare --config small|medium|paper [--steps N] [--dtype both]
+  python -m benchmarks.compare --config tiny|small|medium|paper [--steps N] [--dtype both]
       [--skip-torch] [--beams 2,12] [--json FILE]
 
 Measures, for the same model sizes, batch and initial weights:
   train   one step of s2s_jax.train.train_step (the jitted step from train.make_steps, the
           optimizer from s2s_jax.optim) vs torch_ref.Trainer.step; source+target tokens/s.
   greedy  s2s_jax.decode.greedy vs torch_ref.greedy, 50 steps at most; sentences/s.
-  beam    s2s_jax.decode.beam for each beam size (--beams), compared per hypothesis-step
-          with PyTorch's greedy decoding.
+  beamK   s2s_jax.decode.beam vs torch_ref.beam (the same search: same hypotheses, same
+          steps), for each beam size K (--beams), 1-best, 50 steps at most; sentences/s.
+Each row's ratio is over PyTorch's fastest variant of the same task. The `tiny` config is a
+smoke test of the harness (seconds), not a measurement.
 Timed repetitions of every variant are interleaved (ours f32, torch f32, ours bf16, torch bf16,
 ...) so that load from other processes hits all of them alike; each figure is a median. The
 machine's matmul peak (f32 and bf16, JAX and torch, the best of each dtype) is measured in the
@@ -19,9 +21,9 @@ a torch build without CUDA is then an error unless --skip-torch). On a GPU, floa
 use TF32 in both frameworks (JAX's default there) unless --f32-matmul highest, peak memory is
 XLA's buffer assignment for ours and torch's allocator peak for PyTorch, and thread counts do
 not apply.
-The last line is `ratio train=X decode=Y`: our best variant over PyTorch's best;
-the line before it gives the same ratio round by round (median, quartiles), a measure of how
-much the machine's noise moves it.
+The last line is `ratio train=X decode=Y beam2=Z ...`: per task (decode is greedy), our best
+variant over PyTorch's best; the lines before it give the same ratios round by round (median,
+quartiles), a measure of how much the machine's noise moves them.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ from typing import Any, Callable
 import numpy as np
 
 CONFIGS = {  # name: (layers, hidden = embed, source vocab, target vocab, batch, sentence length)
+    "tiny": (1, 32, 50, 50, 4, 5),
     "small": (2, 256, 8_000, 8_000, 64, 20),
     "medium": (4, 512, 16_000, 16_000, 128, 30),
     "paper": (4, 1000, 160_000, 80_000, 128, 30),
 }
-DEFAULT_STEPS = {"small": 20, "medium": 8, "paper": 3}
-DECODE_STEPS = 50
+DEFAULT_STEPS = {"tiny": 2, "small": 20, "medium": 8, "paper": 3}
+DECODE_STEPS = 50  # the decoding cap (max_len) of both frameworks, every sentence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +166,6 @@ class Variant:
   run: Callable[[], Any]
   flops: int
   units: float  # tokens (train) or sentences (decode) per run
-  hyp_steps: float = 0.0  # decode: hypotheses x steps per run
   state_bytes: int = 0  # persistent memory the variant owns (params, optimizer state)
   times: list = dataclasses.field(default_factory=list)
   # measures step_extra_bytes around the last warm-up run; None: set when the variant was built
@@ -288,7 +290,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   batch = jax.device_put(batch_np)
   tokens = float(np.sum(batch_np["src"] != 0) + np.sum(batch_np["tgt"] != 0))
   holder = {"state": train.init_state(cfg, tx, shape.src_vocab, shape.tgt_vocab)}
-  params_host = jax.device_get(holder["state"]["params"])
+  params_host = jax.device_get(holder["state"].params)
   info: dict[str, Any] = {"params": model.num_params(params_host),
                           "words": train.count_words(batch_np)}
   dec_b = args.decode_batch
@@ -299,6 +301,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   extra = lambda compiled: 0 if on_cpu else xla_extra_bytes(compiled.memory_analysis())
 
   train_vs, decode_vs = [], []
+  outputs = {}  # (dtype, task): our first variant's (1-best ids BxT, steps), to check torch's
   if not args.skip_torch:
     import torch
     from benchmarks import torch_ref
@@ -320,7 +323,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
     with torch.no_grad():
       loss_t = float(train_net.loss(src_t, tgt_t))
     loss_j = float(jax.jit(lambda p, b: model.loss_fn(p, b, cfg.model)[0])(
-        holder["state"]["params"], batch))
+        holder["state"].params, batch))
     info["check_loss"] = {"ours": loss_j, "torch": loss_t}
     log(f"check: initial float32 loss ours {loss_j:.6f} torch {loss_t:.6f} "
         f"(rel. diff {abs(loss_j - loss_t) / abs(loss_t):.1e})")
@@ -362,38 +365,60 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
                                   shape.train_flops(), tokens, state_bytes=torch_bytes,
                                   meter=torch_meter))
     if "decode" in args.tasks:
+      searches = [("greedy", 1)] + [(f"beam{k}", k) for k in args.beams]
       for cfg_k, name in cfgs:
         kw = dict(cfg=cfg_k.model, max_len=DECODE_STEPS, len_a=0.0, len_b=DECODE_STEPS)
-        searches = [("greedy", decode.greedy, kw, 1)]
-        searches += [(f"beam{k}", decode.beam, dict(kw, beam_size=k, nbest=1), k) for k in args.beams]
-        for task, search, skw, k in searches:
+        for task, k in searches:
+          search, skw = ((decode.greedy, kw) if k == 1
+                         else (decode.beam, dict(kw, beam_size=k, nbest=1)))
           t0 = time.perf_counter()
           compiled = search.lower(params, src, **skw).compile()
           compile_s = time.perf_counter() - t0
           run = lambda compiled=compiled: jax.block_until_ready(compiled(params, src))
           out = run()
-          # steps run = the longest output (the beam search stops once no live hypothesis can win)
-          toks = out[0] if k == 1 else out.tokens_BxNxT
-          steps = int(np.max(np.sum(np.asarray(toks) != 0, axis=-1)))
-          decode_vs.append(Variant(name, task, "ours", dt, run,
-                                   dec_shape.decode_flops(steps, k), dec_b, dec_b * k * steps,
-                                   state_bytes=tree_bytes(params), compile_s=compile_s,
+          tok_BxT = np.asarray(out[0] if k == 1 else out.tokens_BxNxT[:, 0])
+          # greedy: the longest output; beam: the search's own count (it stops once no live
+          # hypothesis can win)
+          steps = int(np.max(np.sum(tok_BxT != 0, axis=-1)) if k == 1 else out.steps)
+          outputs.setdefault((dt, task), (tok_BxT, steps))
+          decode_vs.append(Variant(name, task, "ours", dt, run, dec_shape.decode_flops(steps, k),
+                                   dec_b, state_bytes=tree_bytes(params), compile_s=compile_s,
                                    note=f"{steps} steps", meter=ours_meter,
                                    step_extra_bytes=extra(compiled)))
-    if "decode" in args.tasks:
-      bf16 = dt == "bfloat16"
-      greedy_t = lambda bf16=bf16: (
-          torch_ref.greedy(decode_net, src_dec_t, DECODE_STEPS, bf16), torch_ref.sync(dev))[0]
-      ran, out = False, None
       if not args.skip_torch:
-        ran, out = _torch_runs(f"torch {short} greedy", greedy_t, info, log)
-      if ran:
-        steps_t = int((out[0] != 0).sum(dim=1).max())
-        decode_vs.append(Variant(
-            f"torch {short}{where}", "greedy", "torch", dt, greedy_t,
-            dec_shape.decode_flops(steps_t), dec_b, dec_b * steps_t, state_bytes=torch_bytes,
-            note=f"{steps_t} steps", meter=torch_meter))
+        for task, k in searches:
+          run_t = _torch_search(decode_net, src_dec_t, k, dt == "bfloat16", dev)
+          ran, out = _torch_runs(f"torch {short} {task}", run_t, info, log)
+          if not ran:
+            continue
+          tok_t = (out[0] if k == 1 else out.tokens_BxNxT[:, 0]).cpu().numpy()
+          steps_t = int(np.max(np.sum(tok_t != 0, axis=-1)) if k == 1 else out.steps)
+          if (dt, task) in outputs:
+            tok, steps = outputs[dt, task]
+            same = int(np.sum(np.all(tok_t == tok, axis=1)))
+            info.setdefault("check_decode", {})[f"{short} {task}"] = [same, steps, steps_t]
+            log(f"check: {short} {task} outputs identical for {same}/{dec_b} sentences, "
+                f"steps ours {steps} torch {steps_t}")
+          decode_vs.append(Variant(
+              f"torch {short}{where}", task, "torch", dt, run_t, dec_shape.decode_flops(steps_t, k),
+              dec_b, state_bytes=torch_bytes, note=f"{steps_t} steps", meter=torch_meter))
   return train_vs, decode_vs, info
+
+
+def _torch_search(net, src_BxS, beam_size: int, bf16: bool, dev) -> Callable:
+  """A run of torch_ref.greedy (beam_size 1) or torch_ref.beam (1-best) with our decoding's
+  caps, finished on `dev`; it returns the search's result."""
+  from benchmarks import torch_ref
+
+  def run():
+    if beam_size == 1:
+      out = torch_ref.greedy(net, src_BxS, DECODE_STEPS, bf16)
+    else:
+      out = torch_ref.beam(net, src_BxS, beam_size=beam_size, nbest=1, max_len=DECODE_STEPS,
+                           len_a=0.0, len_b=DECODE_STEPS, bf16=bf16)
+    torch_ref.sync(dev)
+    return out
+  return run
 
 
 def _torch_runs(name: str, fn: Callable, info: dict, log: Callable) -> tuple[bool, Any]:
@@ -453,40 +478,36 @@ def _with_threads(n: int, fn: Callable) -> Callable:
 
 # ---------------------------------------------------------------- report
 
-def report(train_vs: list[Variant], decode_vs: list[Variant], peak: dict[str, float]) -> list[str]:
-  """The table rows (markdown) and the ratios of our best to PyTorch's best."""
+def ratio_key(task: str) -> str:
+  """The name of a task's ratio on the last line: train, decode (greedy), beamK."""
+  return "decode" if task == "greedy" else task
+
+
+def report(train_vs: list[Variant], decode_vs: list[Variant], peak: dict[str, float]
+           ) -> tuple[list[str], dict[str, float]]:
+  """The table rows (markdown) and, per task, the ratio of our best to PyTorch's best."""
   best_peak = {dt: max(v for k, v in peak.items() if k.endswith(dt)) for dt in ("float32", "bfloat16")}
-  lines = ["| task | variant | median ms | tokens/s or sent/s | hyp-steps/s | GFLOP/s | % of peak "
+  lines = ["| task | variant | median ms | tokens/s or sent/s | GFLOP/s | % of peak "
            "| peak MB | ours/torch-best | note |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|"]
   ratios = {}
   for group, unit in ((train_vs, "tok/s"), (decode_vs, "sent/s")):
-    tasks = list(dict.fromkeys(v.task for v in group))
-    torch_best = {}
-    torch_rows = [v for v in group if v.framework == "torch"]
-    if torch_rows:
-      best = fastest(torch_rows)
-      torch_best = {"rate": best.units / best.median, "hyp": best.hyp_steps / best.median}
-    for task in tasks:
-      for v in (v for v in group if v.task == task):
+    for task in dict.fromkeys(v.task for v in group):
+      rows = [v for v in group if v.task == task]
+      theirs = [v for v in rows if v.framework == "torch"]
+      torch_rate = fastest(theirs).units / fastest(theirs).median if theirs else 0.0
+      for v in rows:
         rate = v.units / v.median
         flops = v.flops / v.median
-        ratio = ""
-        if torch_best:
-          # beams are compared per hypothesis-step with PyTorch's greedy decoding
-          r = (v.hyp_steps / v.median / torch_best["hyp"] if task.startswith("beam")
-               else rate / torch_best["rate"])
-          ratio = f"{r:.2f}"
-        hyp = f"{v.hyp_steps / v.median:,.0f}" if v.hyp_steps else ""
-        note = ", ".join(x for x in (v.note, f"compile {v.compile_s:.1f} s" if v.compile_s else "") if x)
-        lines.append(f"| {task} | {v.name} | {v.median*1e3:,.1f} | {rate:,.1f} {unit} | {hyp} "
+        ratio = f"{rate / torch_rate:.2f}" if torch_rate else ""
+        compiled = f"compile {v.compile_s:.1f} s" if v.compile_s else ""
+        note = ", ".join(x for x in (v.note, compiled) if x)
+        lines.append(f"| {task} | {v.name} | {v.median*1e3:,.1f} | {rate:,.1f} {unit} "
                      f"| {flops/1e9:,.1f} | {100*flops/best_peak[v.dtype]:.1f} | {v.peak_mb:,.0f} "
                      f"| {ratio} | {note} |")
-      ours = [v for v in group if v.framework == "ours" and v.task == task]
-      if torch_best and ours and task in ("train", "greedy"):
-        best = fastest(ours)
-        ratios["train" if task == "train" else "decode"] = (
-            best.units / best.median / torch_best["rate"])
+      ours = [v for v in rows if v.framework == "ours"]
+      if torch_rate and ours:
+        ratios[ratio_key(task)] = fastest(ours).units / fastest(ours).median / torch_rate
   return lines, ratios
 
 
@@ -520,7 +541,7 @@ def describe_spread(xs: list[float]) -> str:
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 # --malloc: system = glibc's defaults; hugepages = transparent huge pages for malloc (a 2 MB page
-# replaces 512 faults); reuse = huge pages and train.reuse_host_memory(), what the command lines
+# replaces 512 faults); reuse = huge pages and hardware.reuse_host_memory(), what the command lines
 # do. Both are process-wide, so both frameworks run under the same setting.
 MALLOC_MODES = ("system", "hugepages", "reuse")
 
@@ -565,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tasks", default="train,decode", help="comma list of train, decode")
   p.add_argument("--kernels", default="auto",
                  help="comma list of model.kernels values to time (e.g. plain,cpu)")
-  p.add_argument("--beams", default="2,12", help="beam sizes for decode.beam_search")
+  p.add_argument("--beams", default="2,12", help="beam sizes (decode.beam and torch_ref.beam)")
   p.add_argument("--skip-torch", action="store_true", help="measure ours only")
   p.add_argument("--torch-threads", default="",
                  help="comma list of torch thread counts, each its own variant (default: all cores "
@@ -574,13 +595,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--decode-batch", type=int, default=0,
                  help="sentences per decode call (0 = the config's batch; paper 32)")
   p.add_argument("--peak-size", type=int, default=0,
-                 help="n of the n x n x n peak matmul (0 = 2048 on a CPU, 8192 on a GPU)")
+                 help="n of the n x n x n peak matmul (0 = 2048 on a CPU, 8192 on a GPU, tiny 256)")
   p.add_argument("--f32-matmul", choices=("tf32", "highest"), default="tf32",
                  help="GPU only: float32 products in TF32 (JAX's default there; torch is set to "
                       "match) or in full float32 in both frameworks")
   p.add_argument("--cache-dir", default=None,
                  help="JAX compilation cache folder ('off' = none; default: the command lines' "
-                      "cache, train.enable_compilation_cache())")
+                      "cache, cli.enable_compilation_cache())")
   p.add_argument("--json", default="", help="also write the results to this file")
   p.add_argument("--malloc", choices=MALLOC_MODES, default="reuse",
                  help="glibc malloc settings for both frameworks (see MALLOC_MODES; huge pages "
@@ -588,8 +609,8 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   _set_hugepages(args.malloc != "system", sys.argv[1:] if argv is None else list(argv))
   if args.malloc == "reuse":
-    from s2s_jax import train
-    train.reuse_host_memory()  # before JAX or torch start their threads
+    from s2s_jax import hardware
+    hardware.reuse_host_memory()  # before JAX or torch start their threads
   args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   args.beams = [int(k) for k in args.beams.split(",") if k.strip()]
   threads = args.torch_threads or ("auto" if args.config == "paper" else "")
@@ -607,9 +628,9 @@ def main(argv: list[str] | None = None) -> int:
   # With JAX on a GPU, both frameworks share it: JAX takes 45% of its memory, not 75%.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
   import jax
-  from s2s_jax import train
+  from s2s_jax import cli
   if args.cache_dir is None:
-    train.enable_compilation_cache()
+    cli.enable_compilation_cache()
   elif args.cache_dir not in ("", "off"):
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
   t_start = time.perf_counter()
@@ -623,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     args.device = torch_device(backend, torch.cuda.is_available())
   if backend != "cpu":
     _set_f32_matmul(args.f32_matmul, not args.skip_torch)
-  args.peak_size = args.peak_size or (2048 if backend == "cpu" else 8192)
+  args.peak_size = args.peak_size or (256 if args.config == "tiny" else 2048 if backend == "cpu"
+                                      else 8192)
   log(f"config {args.config}: {shape}; {steps} timed steps; jax {jax.__version__} "
       f"on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; torch on {args.device}")
   peak = matmul_peak(args.peak_size, 5, not args.skip_torch, args.device)
@@ -662,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
   if "check_loss" in info:
     c = info["check_loss"]
     print(f"same function: initial float32 loss ours {c['ours']:.6f}, torch {c['torch']:.6f}")
+  for task, (same, steps, steps_t) in info.get("check_decode", {}).items():
+    print(f"same search: {task} outputs identical for {same}/{args.decode_batch} sentences, "
+          f"steps ours {steps}, torch {steps_t}")
   print("\n".join(lines))
   for framework in ("ours", "torch"):
     rows = [v for v in train_vs if v.framework == framework]
@@ -671,8 +696,8 @@ def main(argv: list[str] | None = None) -> int:
             f" fastest ({best.name}): {info['words'] / best.median:,.0f}")
   for name, reason in info.get("not_run", {}).items():
     print(f"not run: {name} (PyTorch raised: {reason})")
-  paired = {key: paired_ratios(train_vs + decode_vs, task)
-            for task, key in (("train", "train"), ("greedy", "decode"))}
+  tasks = dict.fromkeys(v.task for v in train_vs + decode_vs)
+  paired = {ratio_key(task): paired_ratios(train_vs + decode_vs, task) for task in tasks}
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"config": args.config, "shape": dataclasses.asdict(shape), "peak": peak, "info": info,
@@ -680,14 +705,15 @@ def main(argv: list[str] | None = None) -> int:
                  "paired": paired,
                  "rows": [
                      {"task": v.task, "variant": v.name, "times": v.times, "units": v.units,
-                      "hyp_steps": v.hyp_steps, "flops": v.flops, "peak_mb": v.peak_mb,
+                      "flops": v.flops, "peak_mb": v.peak_mb,
                       "compile_s": v.compile_s, "note": v.note} for v in train_vs + decode_vs]},
                 f, indent=1)
   for key, xs in paired.items():
     if xs:
       print(f"paired {key} ratio per round (ours/torch, fastest variants): {describe_spread(xs)}")
+  beams = " ".join(f"{k}={r:.2f}" for k, r in ratios.items() if k.startswith("beam"))
   print(f"ratio train={ratios.get('train', float('nan')):.2f} "
-        f"decode={ratios.get('decode', float('nan')):.2f}")
+        f"decode={ratios.get('decode', float('nan')):.2f}" + (f" {beams}" if beams else ""))
   return 0
 
 

@@ -1,9 +1,14 @@
-"""The benchmark harness's round-by-round ratio and device choices (no PyTorch needed:
-synthetic timings)."""
+"""The benchmark harness: round-by-round ratios and device choices (synthetic timings), the
+PyTorch reference's searches against ours (skipped without torch)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from s2s_jax import decode, model
+from s2s_jax.config import ModelConfig
+from s2s_jax.data.vocab import EOS_ID, PAD_ID
 
 from benchmarks.compare import (Variant, _torch_runs, describe_spread, paired_ratios, torch_device,
                                 xla_extra_bytes)
@@ -80,3 +85,112 @@ def test_moses_benchmark_checks_both_tokenizers_agree(monkeypatch, capsys):
   bench.main()
   rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
   assert [r[0] for r in rows] == ["en", "fr"] and all(r[-1] == "True" for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch reference's searches against ours, from the same weights (skipped without torch).
+# A tiny peaked model whose outputs end at their caps, before them, and early enough that the
+# whole batch stops before its longest cap.
+
+TINY = ModelConfig(num_layers=2, hidden_size=16, embed_size=8, init_scale=1.0)
+SRC_V, TGT_V = 30, 25
+SRC_LENS = (9, 1, 4, 0, 7, 2)  # row 3 is empty: its cap is 1 (only </s>)
+LEN_A, LEN_B, MAX_LEN = 1.0, 2, 12
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """(params, torch net, sources BxS) of one tiny model."""
+  torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch "
+                              "(pip install -r benchmarks/requirements.txt)")
+  from benchmarks import torch_ref
+  like = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), TINY, SRC_V, TGT_V))
+  rng = np.random.default_rng(2)
+  s = TINY.init_scale
+  params = jax.tree_util.tree_map(lambda x: rng.uniform(-s, s, x.shape).astype(np.float32), like)
+  params["softmax"]["w"] *= 3.0  # peaked distributions
+  params["softmax"]["b"][EOS_ID] += 0.5
+  src = np.zeros((len(SRC_LENS), max(SRC_LENS)), np.int32)
+  for i, n in enumerate(SRC_LENS):
+    src[i, :n] = rng.integers(4, SRC_V, n)
+  net = torch_ref.Seq2Seq(TINY.num_layers, TINY.hidden_size, TINY.embed_size, SRC_V, TGT_V)
+  net.load_params(params)
+  return params, net, src
+
+
+def ours_beam(params, src, beam_size, nbest, alpha):
+  return jax.device_get(decode.beam(params, src, cfg=TINY, beam_size=beam_size, nbest=nbest,
+                                    max_len=MAX_LEN, len_a=LEN_A, len_b=LEN_B,
+                                    length_penalty=alpha))
+
+
+def test_the_tiny_model_ends_before_at_and_long_before_its_caps(tiny):
+  """Guards the next test: it covers ended, capped and stopped searches."""
+  params, _, src = tiny
+  hyp = ours_beam(params, src, 5, 3, 0.0)
+  caps = np.array([min(MAX_LEN, int(LEN_A * n) + LEN_B) if n else 1 for n in SRC_LENS])
+  lengths = np.sum(hyp.tokens_BxNxT != PAD_ID, axis=2)
+  finite = np.isfinite(hyp.scores_BxN)
+  assert np.any(finite & (lengths == caps[:, None])) and np.any(finite & (lengths < caps[:, None]))
+  assert np.any(lengths[:, 0] > 1) and not np.all(finite)  # the empty row has one hypothesis
+  assert int(hyp.steps) < caps.max()  # every sentence stopped early
+
+
+@pytest.mark.parametrize("beam_size,nbest,alpha", [
+    (1, 1, 0.0), (1, 1, 1.0), (2, 1, 1.0), (2, 2, 0.0), (5, 1, 0.0), (5, 3, 1.0)])
+def test_torch_beam_search_equals_ours(tiny, beam_size, nbest, alpha):
+  import torch
+  from benchmarks import torch_ref
+  params, net, src = tiny
+  ours = ours_beam(params, src, beam_size, nbest, alpha)
+  theirs = torch_ref.beam(net, torch.from_numpy(src).long(), beam_size=beam_size, nbest=nbest,
+                          max_len=MAX_LEN, len_a=LEN_A, len_b=LEN_B, length_penalty=alpha)
+  np.testing.assert_array_equal(theirs.tokens_BxNxT.numpy(), ours.tokens_BxNxT)
+  np.testing.assert_allclose(theirs.scores_BxN.numpy(), ours.scores_BxN, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(theirs.log_probs_BxN.numpy(), ours.log_probs_BxN, rtol=1e-5,
+                             atol=1e-5)
+  assert theirs.steps == int(ours.steps)
+
+
+def test_torch_greedy_equals_ours(tiny):
+  """Full-length sources, the cap max_len for all (how benchmarks.compare runs both)."""
+  import torch
+  from benchmarks import torch_ref
+  params, net, src = tiny
+  full = src[np.array(SRC_LENS) == max(SRC_LENS)].repeat(2, axis=0)
+  full[1, :3] = full[1, :3][::-1]
+  tok, lp = jax.device_get(decode.greedy(params, full, cfg=TINY, max_len=MAX_LEN, len_a=0.0,
+                                         len_b=MAX_LEN))
+  tok_t, lp_t = torch_ref.greedy(net, torch.from_numpy(full).long(), MAX_LEN)
+  np.testing.assert_array_equal(tok_t.numpy(), tok)
+  np.testing.assert_allclose(lp_t.numpy(), lp, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke tests: the benchmark commands run end to end on the tiny config.
+
+def test_parts_runs_on_the_tiny_config(capsys):
+  from benchmarks import parts
+  assert parts.main(["--config", "tiny", "--dtype", "float32", "--reps", "1"]) == 0
+  rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[3:]]
+  assert [r[1].strip() for r in rows][:2] == ["train step (donated state)", "loss forward"]
+  assert len(rows) == 7 and all(float(r[2]) >= 0 for r in rows)
+
+
+def test_compare_runs_on_the_tiny_config(capsys):
+  """With torch, both frameworks' searches give the same outputs in the same number of steps."""
+  import importlib.util
+  from benchmarks import compare
+  with_torch = importlib.util.find_spec("torch") is not None
+  argv = ["--config", "tiny", "--dtype", "float32", "--beams", "2", "--malloc", "system",
+          "--cache-dir", "off"] + (["--torch-threads", "1"] if with_torch else ["--skip-torch"])
+  assert compare.main(argv) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert [line.split("|")[1].strip() for line in out if line.startswith("| ")][1:] == (
+      ["train", "greedy", "beam2"] if not with_torch else
+      ["train", "train", "greedy", "greedy", "beam2", "beam2"])
+  if with_torch:
+    assert "same search: f32 greedy outputs identical for 4/4 sentences, steps ours 50, " \
+        "torch 50" in out
+    assert any(line.startswith("same search: f32 beam2 outputs identical for 4/4") for line in out)
+    assert out[-1].startswith("ratio train=") and " beam2=" in out[-1]

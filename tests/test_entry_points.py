@@ -87,8 +87,10 @@ CASES = {  # module -> its arguments (ctx fields in braces)
     "benchmarks.layers": _case("--layers", "1", "--softmax", "1", "--hidden", "8", "--vocab",
                                "20", "--batch", "8", "--length", "4", "--steps", "1",
                                "--warmup", "1"),
-    "benchmarks.compare": None,  # added with the tiny config
-    "benchmarks.parts": None,
+    # --malloc system: the default re-executes the process with glibc's huge-page tunables
+    "benchmarks.compare": _case("--config", "tiny", "--dtype", "float32", "--skip-torch",
+                                "--torch-threads", "1", "--malloc", "system"),
+    "benchmarks.parts": _case("--config", "tiny", "--dtype", "float32", "--reps", "1"),
 }
 
 
