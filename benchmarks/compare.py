@@ -1,7 +1,7 @@
 """Benchmark s2s_jax against the PyTorch reference, side by side in one process.
 
   python -m benchmarks.compare --config tiny|small|medium|paper [--steps N] [--dtype both]
-      [--skip-torch] [--beams 2,12] [--json FILE]
+      [--skip-torch] [--beams 2,12] [--attention general [--input-feeding]] [--json FILE]
 
 Measures, for the same model sizes, batch and initial weights:
   train   one step of s2s_jax.train.train_step (the jitted step from train.make_steps, the
@@ -10,7 +10,9 @@ Measures, for the same model sizes, batch and initial weights:
   beamK   s2s_jax.decode.beam vs torch_ref.beam (the same search: same hypotheses, same
           steps), for each beam size K (--beams), 1-best, 50 steps at most; sentences/s.
 Each row's ratio is over PyTorch's fastest variant of the same task. The `tiny` config is a
-smoke test of the harness (seconds), not a measurement.
+smoke test of the harness (seconds), not a measurement. --attention TYPE [--input-feeding]
+measures the attention model instead (the PyTorch reference, torch_ref.AttentionSeq2Seq, has
+its training step only: its decoding rows are named on `not run:` lines).
 Timed repetitions of every variant are interleaved (ours f32, torch f32, ours bf16, torch bf16,
 ...) so that load from other processes hits all of them alike; each figure is a median. The
 machine's matmul peak (f32 and bf16, JAX and torch, the best of each dtype) is measured in the
@@ -255,13 +257,16 @@ def make_batch(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
   return {"src": src, "tgt": tgt}
 
 
-def model_config(shape: Shape, dtype: str = "float32"):
-  """The default Config (SGD, clip 5) at the benchmark's sizes."""
+def model_config(shape: Shape, dtype: str = "float32", attention: str = "none",
+                 input_feeding: bool = False):
+  """The default Config (SGD, clip 5) at the benchmark's sizes, with `attention` (model.attention)
+  and `input_feeding` (model.input_feeding)."""
   from s2s_jax import config as config_lib
   return config_lib.override(config_lib.Config(), {
       "model.num_layers": shape.layers, "model.hidden_size": shape.hidden,
       "model.embed_size": shape.hidden, "train.batch_size": shape.batch,
-      "model.compute_dtype": dtype})
+      "model.compute_dtype": dtype, "model.attention": attention,
+      "model.input_feeding": input_feeding})
 
 
 def tree_bytes(tree) -> int:
@@ -282,7 +287,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   from s2s_jax import config as config_lib
   from s2s_jax import decode, model, optim, train
 
-  cfg = model_config(shape)
+  cfg = model_config(shape, attention=args.attention, input_feeding=args.input_feeding)
   on_cpu = args.backend == "cpu"
   dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
   tx, _ = optim.make_optimizer(cfg.optim, steps_per_epoch=1000)
@@ -313,8 +318,9 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
     tgt_t = torch.from_numpy(batch_np["tgt"]).long().to(dev)
 
     def new_net():
-      net = torch_ref.Seq2Seq(shape.layers, shape.hidden, shape.hidden, shape.src_vocab,
-                              shape.tgt_vocab)
+      sizes = (shape.layers, shape.hidden, shape.hidden, shape.src_vocab, shape.tgt_vocab)
+      net = (torch_ref.Seq2Seq(*sizes) if args.attention == "none" else torch_ref.AttentionSeq2Seq(
+          *sizes, args.attention, args.input_feeding, cfg.model.attention_positions))
       net.load_params(params_host)
       return net.to(dev)  # on CUDA, nn.LSTM flattens its weights for cuDNN here
 
@@ -387,6 +393,10 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
                                    step_extra_bytes=extra(compiled)))
       if not args.skip_torch:
         for task, k in searches:
+          if args.attention != "none":
+            info.setdefault("not_run", {})[f"torch {short} {task}"] = (
+                "the PyTorch reference has no search for attention models")
+            continue
           run_t = _torch_search(decode_net, src_dec_t, k, dt == "bfloat16", dev)
           ran, out = _torch_runs(f"torch {short} {task}", run_t, info, log)
           if not ran:
@@ -587,6 +597,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--kernels", default="auto",
                  help="comma list of model.kernels values to time (e.g. plain,cpu)")
   p.add_argument("--beams", default="2,12", help="beam sizes (decode.beam and torch_ref.beam)")
+  p.add_argument("--attention", default="none",
+                 choices=("none", "dot", "general", "concat", "location"),
+                 help="the model with Luong's attention (model.attention; PyTorch: "
+                      "torch_ref.AttentionSeq2Seq, training only)")
+  p.add_argument("--input-feeding", action="store_true",
+                 help="with --attention: model.input_feeding (the decoder runs step by step)")
   p.add_argument("--skip-torch", action="store_true", help="measure ours only")
   p.add_argument("--torch-threads", default="",
                  help="comma list of torch thread counts, each its own variant (default: all cores "
@@ -672,8 +688,11 @@ def main(argv: list[str] | None = None) -> int:
   elif not args.skip_torch:
     versions += (f", torch {torch.__version__} on {torch.cuda.get_device_name()} (cuDNN "
                  f"{torch.backends.cudnn.version()}); float32 products: {args.f32_matmul}")
+  model_name = ("" if args.attention == "none" else f", attention {args.attention}"
+                + (" + input feeding" if args.input_feeding else ""))
   print(f"config {args.config} (L={shape.layers}, H=E={shape.hidden}, V={shape.src_vocab}/"
-        f"{shape.tgt_vocab}, batch {shape.batch} (decode {args.decode_batch}), length {shape.length}); "
+        f"{shape.tgt_vocab}, batch {shape.batch} (decode {args.decode_batch}), "
+        f"length {shape.length}{model_name}); "
         f"{versions}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
   print(f"malloc: {args.malloc}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "

@@ -84,17 +84,88 @@ class Seq2Seq(nn.Module):
     logp_RxV[:, BOS_ID] = NEG_INF
     return logp_RxV, state
 
+  def outputs(self, src_BxS: torch.Tensor, y_in_TxB: torch.Tensor) -> torch.Tensor:
+    """What the softmax reads at every target position (teacher forcing), TxBxH."""
+    h_TxBxH, _ = self.decoder(self.tgt_embed(y_in_TxB), self.encode(src_BxS))
+    return h_TxBxH
+
   def loss(self, src_BxS: torch.Tensor, tgt_BxT: torch.Tensor) -> torch.Tensor:
     """Summed target NLL / number of sentences (the paper's loss, as s2s_jax.model.loss_fn)."""
-    state = self.encode(src_BxS)
     bos = torch.full_like(tgt_BxT[:, :1], BOS_ID)
     y_in_TxB = torch.cat([bos, tgt_BxT[:, :-1]], dim=1).T
-    h_TxBxH, _ = self.decoder(self.tgt_embed(y_in_TxB), state)
-    logits = self.softmax(h_TxBxH).float()
+    logits = self.softmax(self.outputs(src_BxS, y_in_TxB)).float()
     nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_BxT.T.reshape(-1),
                                       ignore_index=PAD_ID, reduction="sum")
     num_sents = (tgt_BxT != PAD_ID).any(dim=1).sum().clamp(min=1)
     return nll / num_sents
+
+
+class AttentionSeq2Seq(Seq2Seq):
+  """`Seq2Seq` with s2s_jax's Luong attention (model.attention = dot, general, concat or
+  location) over the encoder's top layer and, with `input_feeding`, the attentional vector of
+  step t-1 fed to decoder layer 0 beside the word (model.input_feeding). As s2s_jax.model:
+  a_t = softmax over the source of score(h_t, h_s), c_t = sum_s a_t(s) h_s, and
+  h~_t = tanh(W_c [c_t; h_t]) feeds the softmax. Without input feeding the decoder runs over the
+  whole sequence in one nn.LSTM call and attends to all steps at once; with it, one nn.LSTM
+  call a step. For the training benchmark: unpadded batches (no source mask), no search."""
+
+  def __init__(self, num_layers: int, hidden_size: int, embed_size: int, src_vocab: int,
+               tgt_vocab: int, attention: str = "general", input_feeding: bool = False,
+               positions: int = 100, init_scale: float = 0.08):
+    super().__init__(num_layers, hidden_size, embed_size, src_vocab, tgt_vocab, init_scale)
+    if attention not in ("dot", "general", "concat", "location"):
+      raise ValueError(f"the PyTorch reference has Luong's dot, general, concat and location "
+                       f"attention, not {attention!r}")
+    self.attention, self.input_feeding = attention, input_feeding
+    h = hidden_size
+    if input_feeding:
+      self.decoder = nn.LSTM(embed_size + h, h, num_layers)
+    shapes = {"w_c": (2 * h, h), "general": {"w_a": (h, h)}, "location": {"w_a": (h, positions)},
+              "concat": {"w_q": (h, h), "w_k": (h, h), "v": (h,)}}
+    self.att = nn.ParameterDict({k: nn.Parameter(torch.empty(v)) for k, v in
+                                 {"w_c": shapes["w_c"], **shapes.get(attention, {})}.items()})
+    with torch.no_grad():
+      for p in self.parameters():
+        p.uniform_(-init_scale, init_scale)
+
+  def load_params(self, params: Mapping) -> None:
+    """Copies an s2s_jax params pytree with an "attention" entry into this module."""
+    super().load_params(params)
+    with torch.no_grad():
+      for k, p in self.att.items():
+        p.copy_(torch.from_numpy(np.array(params["attention"][k], np.float32, order="C")))
+
+  def attend(self, q_BxTxH: torch.Tensor, values_BxSxH: torch.Tensor,
+             keys_BxSxK: torch.Tensor) -> torch.Tensor:
+    """h~ for the queries q (the decoder's top h at T steps), BxTxH."""
+    if self.attention in ("dot", "general"):
+      s_BxTxS = torch.bmm(q_BxTxH, keys_BxSxK.transpose(1, 2))
+    elif self.attention == "concat":
+      q_BxTxK = q_BxTxH @ self.att["w_q"]
+      s_BxTxS = torch.tanh(q_BxTxK[:, :, None] + keys_BxSxK[:, None]) @ self.att["v"]
+    else:
+      s_BxTxS = (q_BxTxH @ self.att["w_a"])[:, :, :values_BxSxH.shape[1]]
+    c_BxTxH = torch.bmm(torch.softmax(s_BxTxS, dim=-1), values_BxSxH)
+    return torch.tanh(torch.cat([c_BxTxH, q_BxTxH], dim=-1) @ self.att["w_c"])
+
+  def outputs(self, src_BxS: torch.Tensor, y_in_TxB: torch.Tensor) -> torch.Tensor:
+    """The attentional vectors h~ at every target position (teacher forcing), TxBxH."""
+    top_SxBxH, state = self.encoder(self.src_embed(src_BxS.T))
+    values_BxSxH = top_SxBxH.transpose(0, 1)
+    keys_BxSxK = values_BxSxH
+    if self.attention in ("general", "concat"):
+      keys_BxSxK = values_BxSxH @ self.att["w_a" if self.attention == "general" else "w_k"]
+    x_TxBxE = self.tgt_embed(y_in_TxB)
+    if not self.input_feeding:
+      h_TxBxH, _ = self.decoder(x_TxBxE, state)
+      return self.attend(h_TxBxH.transpose(0, 1), values_BxSxH, keys_BxSxK).transpose(0, 1)
+    feed_BxH = x_TxBxE.new_zeros(x_TxBxE.shape[1], top_SxBxH.shape[-1])
+    outs = []
+    for x_BxE in x_TxBxE:
+      h_1xBxH, state = self.decoder(torch.cat([x_BxE, feed_BxH], dim=-1)[None], state)
+      feed_BxH = self.attend(h_1xBxH.transpose(0, 1), values_BxSxH, keys_BxSxK)[:, 0]
+      outs.append(feed_BxH)
+    return torch.stack(outs)
 
 
 def sync(device: torch.device) -> None:

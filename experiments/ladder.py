@@ -239,7 +239,8 @@ def markdown(table: dict[str, Any], rungs: Sequence[Rung]) -> str:
     change = None if previous is None else rec["bleu"] - previous
     ppl = "" if r.replace_unk else f"{rec['test_ppl']:.3f}"
     lines.append(f"| {r.label} | {ppl} | {rec['bleu']:.2f} | {rec['bleu_tok']:.2f} | "
-                 f"{_fmt(change, '.2f', sign=True)} | {_fmt(rec.get('train_wps'), ',.0f')} | {luong}")
+                 f"{_fmt(change, '.2f', sign=True)} | {_fmt(rec.get('train_wps'), ',.0f')} | "
+                 f"{luong}")
     previous = rec["bleu"]
   lines += ["", "Findings (measured):", ""] + [f"- {f}" for f in findings(table, rungs)]
   models = {r.model for r in rungs}

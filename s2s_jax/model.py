@@ -54,7 +54,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-
 import optax
 
 from s2s_jax import cpu_kernels, lstm
@@ -276,7 +275,7 @@ class Memory(NamedTuple):
   every hypothesis of a sentence: beam search copies it once per hypothesis and never reorders
   it (`decode`)."""
   values_SxBxH: Array  # the encoder's top-layer outputs h_s
-  keys_SxBxK: Array  # what the score reads of h_s: W_a h_s (general), W_k h_s (concat, additive), else h_s
+  keys_SxBxK: Array  # the score's view of h_s: W_a h_s (general), W_k h_s (concat, additive), h_s
   mask_SxBx1: Array  # 1.0 at source words, 0.0 at padding
 
 

@@ -127,7 +127,8 @@ def test_ensemble_of_different_members_translates_and_rescores(workdirs, tmp_pat
   rc, out, err = run(rescore, ["--workdir", workdirs["att"], "--ensemble", workdirs["plain"],
                                "--src", src, "--nbest", nbest], capsys)
   assert rc == 0, err
-  lstm = [float(line.split("lstm= ")[1].split()[0]) for line in read(json.loads(out)["output_nbest"])]
+  lines = read(json.loads(out)["output_nbest"])
+  lstm = [float(line.split("lstm= ")[1].split()[0]) for line in lines]
   ids = translate.encode_sources(m, INPUT)
   want = decode.score_ids(m.params, m.model_cfg, [(ids[0], m.tgt_vocab.encode(["f1", "f2", "f3"])),
                                                   (ids[2], m.tgt_vocab.encode(["f4"]))])

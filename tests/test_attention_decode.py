@@ -124,8 +124,8 @@ def test_translate_ids_returns_each_tokens_weights(params, shared):
     for k, h in enumerate(nbest):
       assert h.tokens == list(as_seq(hyp.tokens_BxNxT[i, k])[:-1])
       assert h.attention.shape == (len(h.tokens), len(shared["srcs"][i]))
-      np.testing.assert_array_equal(h.attention,
-                                    hyp.attention_BxNxTxS[i, k, :len(h.tokens), :h.attention.shape[1]])
+      want = hyp.attention_BxNxTxS[i, k, :len(h.tokens), :h.attention.shape[1]]
+      np.testing.assert_array_equal(h.attention, want)
   assert decode.translate_ids(params, ATT, shared["srcs"][:1], dcfg)[0][0].attention is None
 
 

@@ -1,6 +1,8 @@
 """The benchmark harness: round-by-round ratios and device choices (synthetic timings), the
 PyTorch reference's searches against ours (skipped without torch)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,6 +166,32 @@ def test_torch_greedy_equals_ours(tiny):
   tok_t, lp_t = torch_ref.greedy(net, torch.from_numpy(full).long(), MAX_LEN)
   np.testing.assert_array_equal(tok_t.numpy(), tok)
   np.testing.assert_allclose(lp_t.numpy(), lp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention,feed", [("general", True), ("dot", False), ("concat", True),
+                                             ("location", False)])
+def test_torch_attention_model_computes_our_loss_and_gradients(tiny, attention, feed):
+  """torch_ref.AttentionSeq2Seq is the model benchmarks.compare --attention times."""
+  import torch
+  from benchmarks import torch_ref
+  _, _, src = tiny
+  cfg = dataclasses.replace(TINY, attention=attention, input_feeding=feed, init_scale=0.5,
+                            attention_positions=12, kernels="plain")
+  params = jax.device_get(model.init_params(jax.random.PRNGKey(3), cfg, SRC_V, TGT_V))
+  full = src[np.array(SRC_LENS) == max(SRC_LENS)].repeat(3, axis=0)  # no padding
+  tgt = np.random.default_rng(3).integers(4, TGT_V, (3, 6)).astype(np.int32)
+  batch = {"src": full, "tgt": tgt}
+  loss, grads = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, cfg)[0]))(params)
+  net = torch_ref.AttentionSeq2Seq(cfg.num_layers, cfg.hidden_size, cfg.embed_size, SRC_V, TGT_V,
+                                   attention, feed, cfg.attention_positions)
+  net.load_params(params)
+  loss_t = net.loss(torch.from_numpy(full).long(), torch.from_numpy(tgt).long())
+  loss_t.backward()
+  assert float(loss_t) == pytest.approx(float(loss), rel=1e-6)
+  np.testing.assert_allclose(net.att["w_c"].grad.numpy(), grads["attention"]["w_c"], rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(net.decoder.weight_ih_l0.grad.numpy().T, grads["decoder"][0]["w_x"],
+                             rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
