@@ -288,3 +288,17 @@ def test_label_smoothing_is_optax_smoothed_cross_entropy():
   np.testing.assert_allclose(float(smoothed), by_hand / 3, rtol=1e-5)
   np.testing.assert_allclose(float(aux["nll_sum"]), float(plain["nll_sum"]), rtol=1e-6)
   np.testing.assert_allclose(float(aux["loss_sum"]), by_hand, rtol=1e-5)
+
+
+def test_cpu_kernels_compute_the_same_attention_model():
+  """model.kernels=cpu (the default on a CPU) runs the encoder, the layer-major decoder and the
+  softmax loss through the hand-written backward passes: the same loss and gradients."""
+  plain = variant("general", False, "bi")
+  cpu = dataclasses.replace(plain, kernels="cpu")
+  p = params_for(plain, 9)
+  batch = batch_of(SENTS, extra_rows=1)
+  (loss_p, _), grads_p = loss_and_grads(p, batch, plain)
+  (loss_c, _), grads_c = loss_and_grads(p, batch, cpu)
+  np.testing.assert_allclose(float(loss_c), float(loss_p), rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         grads_c, grads_p)

@@ -73,8 +73,7 @@ def test_training_halves_validation_perplexity(toy_corpus, tmp_path):
       list(zip([0, 150, 300], ppls))
 
 
-@pytest.mark.parametrize("switches", [{}, {"model.dropout": 0.3, "model.attention": "general",
-                                          "model.input_feeding": True}])
+@pytest.mark.parametrize("switches", [{}, {"model.dropout": 0.3, "model.attention": "dot"}])
 def test_interrupted_run_resumes_to_identical_parameters(toy_corpus, tmp_path, switches):
   """Also with dropout: its masks come from train.seed and the step, so a resume redraws them."""
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
