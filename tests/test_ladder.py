@@ -78,7 +78,8 @@ def test_runner_climbs_once_and_skips_finished_work(tmp_path):
   assert other.trained == ["attention-general", "feed-general"]
   md = (tmp_path / "ladder.md").read_text()
   assert "+ global attention (general)" in md and "(location)" not in md
-  assert "+ input feeding: BLEU 9.50 -> 9.00 (-0.50; Luong et al. +1.3): **not reproduced**" in md
+  assert ("+ input feeding: BLEU 9.50 -> 9.00 (-0.50; tokenized -0.50; Luong et al. +1.3): "
+          "**not reproduced**") in md
   # a DIR keeps one config and one dropout rate
   with pytest.raises(ConfigError, match="--dropout: 0.2 -> 0.3"):
     ladder.run(base, str(tmp_path), dropout=0.3, train_fn=lab.train, evaluate_fn=lab.evaluate)
