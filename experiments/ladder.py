@@ -16,7 +16,7 @@ before it with one more change:
   + unk replace    the input-feeding model again, decoded with unknown-word replacement
                    (`translate --replace_unk`, no dictionary); nothing is trained for it
 Luong et al. measured on WMT'14 English->German with 4 x 1000 LSTMs, 50k vocabularies, 10
-epochs (12 with dropout): test perplexity / BLEU 10.6 / 11.3, 9.9 / 12.6, 8.1 / 14.0, 7.3 /
+epochs (12 with dropout): perplexity / BLEU 10.6 / 11.3, 9.9 / 12.6, 8.1 / 14.0, 7.3 /
 16.8, 6.4 / 18.1. Their unk-replacement row (20.9, +1.9) replaced words in a model with local
 attention (local-p, general score: 19.0), a rung this project does not have; here the
 replacement is applied to the input-feeding model, so only its gain is comparable.
