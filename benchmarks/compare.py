@@ -363,7 +363,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
                                   meter=torch_meter))
     if "decode" in args.tasks:
       for cfg_k, name in cfgs:
-        kw = dict(cfg=cfg_k.model, max_len=DECODE_STEPS, len_a=0.0, len_b=DECODE_STEPS)
+        kw = dict(cfg=cfg_k.model, max_len=DECODE_STEPS)
         searches = [("greedy", decode.greedy, kw, 1)]
         searches += [(f"beam{k}", decode.beam, dict(kw, beam_size=k, nbest=1), k) for k in args.beams]
         for task, search, skw, k in searches:
