@@ -27,11 +27,21 @@ KNOWN_ERRORS = (ValueError, OSError, checkpoint.CheckpointError, FloatingPointEr
 CACHE_ENV = "S2S_JAX_COMPILATION_CACHE"  # a folder for compiled programs, or "off"
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+  record.exc_info, record.exc_text = None, None
+  return True
+
+
 def setup_logging() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stderr, force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  # orbax logs the errors of its background threads with their tracebacks; the error that
+  # reaches the program says what happened (one line), so theirs are left out.
+  absl = logging.getLogger("absl")
+  if _without_traceback not in absl.filters:
+    absl.addFilter(_without_traceback)
 
 
 def compilation_cache_dir(environ: Mapping[str, str] = os.environ) -> str | None:
