@@ -96,7 +96,10 @@ def one_line(e: BaseException) -> str:
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-  """`main(argv)` after `setup()`, with the error policy of the module doc; its exit status."""
+  """`main(argv)` after `setup()`, with the error policy of the module doc; its exit status.
+  The logging handlers are put back as they were when it returns (a command run in-process, by
+  a test or a notebook, leaves no handler on a stream that may close)."""
+  handlers, level = logging.root.handlers[:], logging.root.level
   setup()
   try:
     return main(argv)
@@ -106,3 +109,6 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 128 + signal.SIGINT
+  finally:
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
