@@ -373,7 +373,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
     if "decode" in args.tasks:
       searches = [("greedy", 1)] + [(f"beam{k}", k) for k in args.beams]
       for cfg_k, name in cfgs:
-        kw = dict(cfg=cfg_k.model, max_len=DECODE_STEPS, len_a=0.0, len_b=DECODE_STEPS)
+        kw = dict(cfg=cfg_k.model, max_len=DECODE_STEPS)  # caps: max_len for every sentence
         for task, k in searches:
           search, skw = ((decode.greedy, kw) if k == 1
                          else (decode.beam, dict(kw, beam_size=k, nbest=1)))
@@ -425,7 +425,7 @@ def _torch_search(net, src_BxS, beam_size: int, bf16: bool, dev) -> Callable:
       out = torch_ref.greedy(net, src_BxS, DECODE_STEPS, bf16)
     else:
       out = torch_ref.beam(net, src_BxS, beam_size=beam_size, nbest=1, max_len=DECODE_STEPS,
-                           len_a=0.0, len_b=DECODE_STEPS, bf16=bf16)
+                           bf16=bf16)
     torch_ref.sync(dev)
     return out
   return run

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--config", choices=sorted(CONFIGS), default="medium")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--reps", type=int, default=7)
-  p.add_argument("--kernels", choices=model.KERNELS, default="auto", help="model.kernels")
+  p.add_argument("--kernels", choices=config_lib.KERNELS, default="auto", help="model.kernels")
   args = p.parse_args(argv)
   s = Shape(*CONFIGS[args.config])
   cfg = config_lib.override(model_config(s, args.dtype), {"model.kernels": args.kernels})

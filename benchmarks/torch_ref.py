@@ -196,8 +196,8 @@ class Trainer:
 @torch.inference_mode()
 def greedy(net: Seq2Seq, src_BxS: torch.Tensor, max_len: int,
            bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-  """Arg-max decoding as s2s_jax.decode.greedy of full-length sources with len_a = 0 and
-  len_b = max_len (stop at </s> or at max_len). Returns (ids BxT, summed log p B)."""
+  """Arg-max decoding as s2s_jax.decode.greedy of full-length sources with the default caps
+  (stop at </s> or at max_len). Returns (ids BxT, summed log p B)."""
   dev = src_BxS.device
   with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
     b = src_BxS.shape[0]
@@ -229,10 +229,9 @@ class Hypotheses(NamedTuple):
   steps: int  # decoder steps run (the longest search in the batch)
 
 
-def source_caps(len_B: torch.Tensor, max_len: int, a: float, b: int) -> torch.Tensor:
-  """Each sentence's cap min(max_len, floor(a*|x|)+b) (float32 as ours); 1 for an empty row."""
-  cap_B = (torch.floor(a * len_B.float()).long() + b).clamp(max=max_len)
-  return torch.where(len_B == 0, torch.ones_like(cap_B), cap_B)
+def default_caps(len_B: torch.Tensor, max_len: int) -> torch.Tensor:
+  """max_len for every sentence, 1 (only </s>) for an empty row (s2s_jax.decode's default)."""
+  return torch.full_like(len_B, max_len).masked_fill(len_B == 0, 1)
 
 
 def length_penalty_factor(length: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -253,10 +252,11 @@ def _take(x_BxKxT: torch.Tensor, idx_BxM: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def beam(net: Seq2Seq, src_BxS: torch.Tensor, *, beam_size: int, nbest: int = 1, max_len: int,
-         len_a: float = 1.5, len_b: int = 10, length_penalty: float = 0.0,
+def beam(net: Seq2Seq, src_BxS: torch.Tensor, cap_B: torch.Tensor | None = None, *,
+         beam_size: int, nbest: int = 1, max_len: int, length_penalty: float = 0.0,
          bf16: bool = False) -> Hypotheses:
-  """s2s_jax.decode.beam (semantics in s2s_jax.decode's docstring) for 0-padded sources.
+  """s2s_jax.decode.beam (semantics in s2s_jax.decode's docstring) for 0-padded sources;
+  `cap_B`: each sentence's cap on the output length (s2s_jax.decode.output_caps; None: max_len).
 
   One batched step per time step for all B*W rows: of each sentence's W*V extensions the top
   2W; the kept ones (first W) ending in </s> join the n-best set, the W best others refill the
@@ -268,7 +268,7 @@ def beam(net: Seq2Seq, src_BxS: torch.Tensor, *, beam_size: int, nbest: int = 1,
   dev = src_BxS.device
   b, w, n, t_max = src_BxS.shape[0], beam_size, nbest, max_len
   len_B = (src_BxS != PAD_ID).sum(dim=1)
-  cap_B = source_caps(len_B, max_len, len_a, len_b)
+  cap_B = default_caps(len_B, max_len) if cap_B is None else cap_B.to(dev).long()
   bound_B = length_penalty_factor(cap_B, length_penalty) if length_penalty else None
   padded = bool((len_B < src_BxS.shape[1]).any())
   with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):

@@ -12,21 +12,29 @@ which the training manager deletes when it starts. Orbax copies the arrays to ho
 before `save` returns, so the train step may donate the state right after.
 
 Integrity. Orbax stores the arrays uncompressed and unchecked: a flipped bit restores as a
-wrong number without any error. `restore` therefore recomputes the checksums of what it
-read and compares them with `integrity`; `restore_newest` falls back to the previous
-checkpoint (with a warning naming what was wrong) when the newest cannot be read or does not
-match, and raises `CheckpointError` when none can. `save` refuses a state holding NaN or Inf.
+wrong number without any error. `restore` therefore first compares the saved layout (every
+leaf's shape and dtype) with the one asked for, then recomputes the checksums of what it read
+and compares them with `integrity`. A checkpoint is corrupted (`is_corrupted`) only when that
+is proven: a checksum mismatch, a missing file or item, a file whose bytes cannot be decoded.
+`restore_newest` then falls back to the previous checkpoint (with a warning naming what was
+wrong) and raises `CheckpointError` when none restores; any other failure (an I/O error, out
+of memory, another layout) stops it at once, every checkpoint left where it was. `save`
+refuses a state holding NaN or Inf; a save that fails (a full disk) is a CheckpointError at the
+next save or at `wait`, and leaves the checkpoints written before as they were.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from s2s_jax import config as config_lib
 from s2s_jax import model
@@ -43,6 +51,41 @@ LEGACY_ENTRIES = {"rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was expected; the message names it and says what to do."""
+
+
+class CorruptedCheckpoint(CheckpointError):
+  """A checkpoint whose files are proven damaged (a checksum that does not match, say)."""
+
+
+# Errors of tensorstore reading bytes that are not what was written (absl status codes), and
+# of orbax missing an item of the step: the files are damaged.
+_DAMAGED = re.compile(r"^(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION): "
+                      r"Error (reading|opening)|^'?Item \"\w+\" was not found in the checkpoint")
+# Words of errors that say nothing about the files: the machine, not the checkpoint.
+_TRANSIENT = re.compile(r"RESOURCE_EXHAUSTED|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|CANCELLED|"
+                        r"PERMISSION_DENIED|[Oo]ut of memory")
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  """`e` and the exceptions it was raised from or during."""
+  out = []
+  while e is not None and e not in out:
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def is_corrupted(e: BaseException) -> bool:
+  """Whether a restore failure proves the checkpoint's files damaged: a checksum mismatch, a
+  missing file, a file that cannot be decoded. An I/O error, running out of memory or any
+  other failure does not (the files may be fine: try again, or fix the cause)."""
+  chain = _chain(e)
+  for x in chain:
+    if (isinstance(x, MemoryError) or _TRANSIENT.search(str(x))
+        or (isinstance(x, OSError) and not isinstance(x, FileNotFoundError))):
+      return False
+  return any(isinstance(x, (CorruptedCheckpoint, FileNotFoundError, json.JSONDecodeError))
+             or _DAMAGED.search(str(x)) for x in chain)
 
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -123,24 +166,83 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -
         f"checkpoint not written (the newest checkpoint is step {mngr.latest_step()}): "
         "lower optim.learning_rate or check the data, then rerun to resume from it")
   integrity = {"step": int(step), "leaves": {k: [a, b] for k, (a, b, _) in sums.items()}}
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          data=ocp.args.JsonSave(data_state),
-                                          integrity=ocp.args.JsonSave(integrity)), force=True)
+  wait(mngr)  # an earlier save that failed stops the run here
+  try:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=ocp.args.JsonSave(data_state),
+                                            integrity=ocp.args.JsonSave(integrity)), force=True)
+  except (OSError, ValueError) as e:
+    raise _save_failed(mngr, e) from None
+
+
+def _committed(mngr: ocp.CheckpointManager) -> list[int]:
+  """The steps whose checkpoint folders exist (the manager's own list may not, after a failed
+  save)."""
+  folder = str(mngr.directory)
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+def _save_failed(mngr: ocp.CheckpointManager, e: BaseException) -> CheckpointError:
+  kept = _committed(mngr)
+  return CheckpointError(
+      f"{mngr.directory}: writing a checkpoint failed ({_one_line(e)}); the checkpoints written "
+      f"before are kept ({'newest: step ' + str(kept[-1]) if kept else 'none yet'}). Free disk "
+      "space or fix the cause, then rerun the same command to resume")
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written; a CheckpointError saying what was kept when
+  writing it failed (a full disk, say). The half-written folder is deleted at the next start."""
+  try:
+    mngr.wait_until_finished()
+  except (OSError, ValueError) as e:
+    raise _save_failed(mngr, e) from None
 
 
 def _verify(where: str, tree: Any, integrity: Any, step: int) -> None:
-  """Raises CheckpointError unless every leaf of `tree` matches the checksums saved with it."""
+  """Raises CorruptedCheckpoint unless every leaf of `tree` matches the checksums saved with
+  it."""
   if not isinstance(integrity, dict) or not isinstance(integrity.get("leaves"), dict):
-    raise CheckpointError(f"{where}: integrity record is missing or malformed")
+    raise CorruptedCheckpoint(f"{where}: integrity record is missing or malformed")
   if integrity.get("step") != step:
-    raise CheckpointError(f"{where}: integrity record is for step {integrity.get('step')}")
+    raise CorruptedCheckpoint(f"{where}: integrity record is for step {integrity.get('step')}")
   saved = integrity["leaves"]
   for name, (a, b, _) in fingerprint(tree).items():
     if name not in saved:
-      raise CheckpointError(f"{where}: {name} has no checksum (written by other code?)")
+      raise CorruptedCheckpoint(f"{where}: {name} has no checksum (written by other code?)")
     if list(saved[name]) != [a, b]:
-      raise CheckpointError(f"{where}: {name} does not match the checksum written with it "
-                            "(the file is corrupted)")
+      raise CorruptedCheckpoint(f"{where}: {name} does not match the checksum written with it "
+                                "(the file is corrupted)")
+
+
+def _layout(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{leaf path as 'a/b/0': (shape, dtype)} of a pytree of arrays or array metadata (dicts,
+  lists and named tuples alike, as orbax saves them)."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {"/".join(name(k) for k in path): (tuple(x.shape), str(x.dtype))
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_layout(where: str, like: Any, prefix: str = "") -> set[str]:
+  """Raises CheckpointError (not a corruption) when the saved state's leaves under `prefix`
+  differ in name, shape or dtype from those of `like`, but for LEGACY_ENTRIES, whose names it
+  returns. Then a checksum mismatch can only mean damaged bytes."""
+  try:
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(where) / "state")
+  except (KeyError, TypeError, AttributeError) as e:  # parsed, but not orbax's metadata
+    raise CorruptedCheckpoint(f"{where}/state: malformed metadata ({_one_line(e)})") from None
+  saved = {k: v for k, v in _layout(getattr(meta, "tree", meta)).items()
+           if k.startswith(prefix)}
+  wanted = _layout(like)
+  legacy = {k.split("/")[0] for k in saved if k.split("/")[0] in LEGACY_ENTRIES} - {
+      k.split("/")[0] for k in wanted}
+  saved = {k: v for k, v in saved.items() if k.split("/")[0] not in legacy}
+  if saved != wanted:
+    diffs = [f"{k}: saved {saved.get(k, 'nothing')}, this run {wanted.get(k, 'nothing')}"
+             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    raise CheckpointError(f"{where}: holds another model or optimizer state ({'; '.join(diffs[:3])}"
+                          f"{' ...' if len(diffs) > 3 else ''})")
+  return legacy
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dict]:
@@ -149,13 +251,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dic
   error) when it cannot be read."""
   target = _as_dict(like)
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-  legacy = {}
-  if isinstance(target, dict):
-    saved = mngr.item_metadata(step).state
-    saved = getattr(saved, "tree", saved)
-    sharding = jax.tree_util.tree_leaves(abstract)[0].sharding
-    legacy = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
-              for k, v in LEGACY_ENTRIES.items() if k in (saved or {}) and k not in target}
+  sharding = jax.tree_util.tree_leaves(abstract)[0].sharding
+  legacy = {k: jax.ShapeDtypeStruct(LEGACY_ENTRIES[k].shape, LEGACY_ENTRIES[k].dtype,
+                                    sharding=sharding)
+            for k in _check_layout(_step_dir(mngr, step), target)}
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(dict(abstract, **legacy) if legacy else abstract),
       data=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()))
@@ -164,30 +263,43 @@ def restore(mngr: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dic
   leaves = jax.tree_util.tree_leaves(restored)
   state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
   if isinstance(state, dict) and "step" in state and int(state["step"]) != step:
-    raise CheckpointError(f"{_step_dir(mngr, step)}: holds the state of step {int(state['step'])}")
+    raise CorruptedCheckpoint(f"{_step_dir(mngr, step)}: holds the state of step "
+                              f"{int(state['step'])}")
   return (type(like)(**state) if target is not like else state), dict(out.data)
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-  text = " ".join(str(e).split()) or type(e).__name__
-  text = text if isinstance(e, CheckpointError) else f"{type(e).__name__}: {text}"
-  return text if len(text) <= limit else text[:limit] + " ..."
+def _one_line(e: BaseException, limit: int = 200) -> str:
+  """The error on one line, with the one it was raised from last when there is one."""
+  def line(x: BaseException) -> str:
+    text = " ".join(str(x).split()) or type(x).__name__
+    text = text if isinstance(x, CheckpointError) else f"{type(x).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+  root = _chain(e)[-1]
+  return line(e) if root is e else f"{line(e)} (from {line(root)})"
 
 
 def _newest_usable(mngr: ocp.CheckpointManager,
                    load: Callable[[int], Any]) -> tuple[Any, int, list[int]]:
-  """Tries `load(step)` from the newest step down; returns (result, step, failed newer steps).
+  """Tries `load(step)` from the newest step down, past corrupted checkpoints (each logged as
+  a warning naming it and the reason); returns (result, step, corrupted newer steps).
 
-  Every failure is logged as a warning naming the checkpoint and the reason. Raises
-  CheckpointError when no step loads.
+  Raises CheckpointError when no step loads, or at once, naming the step and the reason,
+  when a step fails for any reason other than a proven corruption (`is_corrupted`).
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   failures: list[tuple[int, str]] = []
   for step in steps:
     try:
       return load(step), step, [s for s, _ in failures]
-    except Exception as e:  # noqa: BLE001 -- any failure to read makes the checkpoint unusable
+    except Exception as e:  # noqa: BLE001 -- sorted below: corrupted, or stop
       reason = _one_line(e)
+      if not is_corrupted(e):
+        where = os.path.dirname(str(mngr.directory))
+        raise CheckpointError(
+            f"{_step_dir(mngr, step)}: cannot be restored ({reason}); this does not show a "
+            "damaged checkpoint, so every checkpoint was left in place. If the config changed, "
+            f"rerun with the saved one ({where}/config.json); otherwise fix the cause (memory, "
+            "disk, permissions) and rerun") from None
       failures.append((step, reason))
       logging.warning("checkpoint %s is unusable (%s); trying the previous one",
                       _step_dir(mngr, step), reason)
@@ -248,6 +360,7 @@ def restore_params(workdir: str, like_params: Any, step: int | None = None,
 
   def load(s: int) -> Any:
     item = {"params": abstract}
+    _check_layout(_step_dir(mngr, s), item, prefix="params/")
     out = mngr.restore(s, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),

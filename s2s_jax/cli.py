@@ -27,11 +27,21 @@ KNOWN_ERRORS = (ValueError, OSError, checkpoint.CheckpointError, FloatingPointEr
 CACHE_ENV = "S2S_JAX_COMPILATION_CACHE"  # a folder for compiled programs, or "off"
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+  record.exc_info, record.exc_text = None, None
+  return True
+
+
 def setup_logging() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stderr, force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  # orbax logs the errors of its background threads with their tracebacks; the error that
+  # reaches the program says what happened (one line), so theirs are left out.
+  absl = logging.getLogger("absl")
+  if _without_traceback not in absl.filters:
+    absl.addFilter(_without_traceback)
 
 
 def compilation_cache_dir(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -86,7 +96,10 @@ def one_line(e: BaseException) -> str:
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-  """`main(argv)` after `setup()`, with the error policy of the module doc; its exit status."""
+  """`main(argv)` after `setup()`, with the error policy of the module doc; its exit status.
+  The logging handlers are put back as they were when it returns (a command run in-process, by
+  a test or a notebook, leaves no handler on a stream that may close)."""
+  handlers, level = logging.root.handlers[:], logging.root.level
   setup()
   try:
     return main(argv)
@@ -96,3 +109,6 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 128 + signal.SIGINT
+  finally:
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)

@@ -5,6 +5,11 @@ overridden from the command line as `--section.field=value` (or `--section.field
 values are parsed according to the field's declared type, and an unknown name is an error
 that lists the valid ones. Configs are stored as JSON data in the WORKDIR and parsed back
 the same way: nothing read from a file is ever executed.
+
+Every value is checked against `ALLOWED` (one line per field) whenever a section is built:
+presets, command-line overrides and config.json alike, before any data is read or anything is
+written. A bad value is a `ConfigError` of one line that names the field, the value and what
+is allowed.
 """
 
 from __future__ import annotations
@@ -12,13 +17,34 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import functools
+import inspect
 import json
+import math
 import typing
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+import optax
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")  # model.compute_dtype's values
+KERNELS = ("auto", "plain", "cpu")  # model.kernels' values
+DATA_SOURCES = ("synthetic", "text", "tfds")  # data.source's values
+TOKENIZERS = ("moses", "none", "sentencepiece")  # data.tokenizer's values
+SCHEDULES = ("paper", "constant")  # optim.schedule's values
+STRATEGIES = ("mesh", "pmap", "layers")  # parallel.strategy's values
+ATTENTION = ("none", "dot", "general", "concat", "location", "additive")  # model.attention's
+ENCODERS = ("uni", "bi")  # model.encoder's values
+
+
+class _Checked:
+  """Base of the config sections: a section checks its values against `ALLOWED` when built."""
+
+  def __post_init__(self):
+    check_section(self)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
   num_layers: int = 4  # LSTM layers in the encoder and (separately) in the decoder
   hidden_size: int = 1000  # cells per LSTM layer
   embed_size: int = 1000  # word embedding size, source and target
@@ -33,7 +59,7 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
   source: str = "synthetic"  # synthetic | text | tfds
   path: str = ""  # folder with train/valid/test.{src_lang,tgt_lang} for source=text
   src_lang: str = "en"  # source language code (file suffix for source=text)
@@ -60,7 +86,7 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Checked):
   name: str = "sgd"  # any optax optimizer factory by name: sgd, adam, adafactor, ...
   learning_rate: float = 0.7  # base learning rate
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # extra optimizer kwargs (JSON on the CLI)
@@ -73,7 +99,7 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Checked):
   batch_size: int = 128  # sentences per step (global, over all devices)
   num_epochs: float = 7.5  # training length in epochs, used when num_steps == 0
   num_steps: int = 0  # training length in steps (0 = derive from num_epochs)
@@ -88,10 +114,10 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(_Checked):
   beam_size: int = 12  # live hypotheses kept (1 = greedy)
   nbest: int = 1  # complete hypotheses returned per sentence
-  max_len_a: float = 1.5  # maximum output length = a * source length + b
+  max_len_a: float = 1.5  # maximum output length = floor(a * source length) + b, </s> included
   max_len_b: int = 10  # see max_len_a
   length_penalty: float = 0.0  # GNMT alpha; 0 = the paper (no length normalisation)
   batch_size: int = 64  # sentences decoded together
@@ -99,11 +125,206 @@ class DecodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ParallelConfig:
+class ParallelConfig(_Checked):
   strategy: str = "mesh"  # mesh (jit over a NamedSharding mesh) | pmap | layers (the paper's: LSTM layer l on device l, a wavefront over time, the softmax on `model` more devices)
   data: int = -1  # data-parallel mesh size (-1 = all devices / model; layers: all devices / (model.num_layers + model))
   model: int = 1  # devices sharing the target softmax (the paper split it over 4; under layers they hold no LSTM layer)
   distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+
+
+class ConfigError(ValueError):
+  """A config field name or value that cannot be used; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------- allowed values
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowed:
+  """What one field accepts: `test(value, section)`, and `text`, what that is in words after
+  the field's type ("an integer" + " >= 1"; a text starting with ": " replaces the type).
+  `detail(section)` adds the values of other fields that the test compares with."""
+  test: Callable[[Any, Any], bool]
+  text: str
+  detail: Callable[[Any], str] = lambda section: ""
+
+
+def at_least(lo: float, note: str = "") -> Allowed:
+  return Allowed(lambda v, s: v >= lo, f" >= {lo}{note}")
+
+
+def above(lo: float, note: str = "") -> Allowed:
+  return Allowed(lambda v, s: v > lo, f" > {lo}{note}")
+
+
+def one_of(*values: str) -> Allowed:
+  return Allowed(lambda v, s: v in values, f": one of {', '.join(values)}")
+
+
+def any_text(note: str) -> Allowed:
+  """Any string; `note` says what it names."""
+  return Allowed(lambda v, s: True, f" ({note})")
+
+
+ANY = Allowed(lambda v, s: True, "")
+LANGUAGE = Allowed(lambda v, s: bool(v) and not set(v) & set(" /\\\t\n"),
+                   ": a language code (not empty, no spaces or slashes)")
+
+
+def optax_factory(name: str) -> Callable | None:
+  """optax.<name> if it is an optimizer factory (a public function taking learning_rate)."""
+  factory = getattr(optax, name, None)
+  if name.startswith("_") or not callable(factory):
+    return None
+  try:
+    params = inspect.signature(factory).parameters
+  except (TypeError, ValueError):
+    return None
+  return factory if "learning_rate" in params else None
+
+
+def optax_arguments(name: str) -> tuple[list[str], bool]:
+  """(the arguments optax.<name> takes besides learning_rate, whether it takes **kwargs)."""
+  params = inspect.signature(optax_factory(name)).parameters
+  return ([p for p in params if p != "learning_rate"],
+          any(p.kind == p.VAR_KEYWORD for p in params.values()))
+
+
+def _known_arguments(kwargs: Mapping[str, Any], section: Any) -> bool:
+  if optax_factory(section.name) is None:
+    return True  # optim.name is refused first
+  names, any_name = optax_arguments(section.name)
+  return any_name or all(k in names for k in kwargs)
+
+
+# One line per field: what it accepts besides its type (finite numbers, integers, strings,
+# booleans, a JSON object). tests/test_config.py fails for a field missing here, and checks
+# that docs/reliability.md lists the same table.
+ALLOWED: dict[str, Allowed] = {
+    "model.num_layers": at_least(1),
+    "model.hidden_size": at_least(1),
+    "model.embed_size": at_least(1),
+    "model.init_scale": above(0),
+    "model.compute_dtype": one_of(*COMPUTE_DTYPES),
+    "model.kernels": one_of(*KERNELS),
+    "model.dropout": Allowed(lambda v, s: 0 <= v < 1, " in [0, 1) (0 = off)"),
+    "model.attention": one_of(*ATTENTION),
+    "model.attention_positions": at_least(1),
+    "model.input_feeding": Allowed(lambda v, s: not v or s.attention != "none",
+                                   " (true needs model.attention)"),
+    "model.encoder": Allowed(lambda v, s: v in ENCODERS and (v == "uni" or s.hidden_size % 2 == 0),
+                             ": uni or bi (bi needs an even model.hidden_size)"),
+    "data.source": one_of(*DATA_SOURCES),
+    "data.path": Allowed(lambda v, s: bool(v) or s.source != "text",
+                         " (a folder; not empty when data.source=text)"),
+    "data.src_lang": LANGUAGE,
+    "data.tgt_lang": LANGUAGE,
+    "data.reverse_source": ANY,
+    "data.max_len": at_least(0, " (0 = no limit)"),
+    "data.src_vocab_size": at_least(1),
+    "data.tgt_vocab_size": at_least(1),
+    "data.tokenizer": one_of(*TOKENIZERS),
+    "data.spm_vocab_size": at_least(1),
+    "data.bucket_width": at_least(1),
+    "data.bucket_growth": at_least(0, " (0 = every multiple of data.bucket_width)"),
+    "data.tfds_name": Allowed(lambda v, s: bool(v), ": a TFDS builder name (not empty)"),
+    "data.tfds_data_dir": any_text("a folder; empty = TFDS's default"),
+    "data.tfds_manual_dir": any_text("a folder, or empty"),
+    "data.download": ANY,
+    "data.synthetic_train": at_least(1),
+    "data.synthetic_valid": at_least(1),
+    "data.synthetic_test": at_least(1),
+    "data.synthetic_seed": at_least(0),
+    "data.max_eval_sentences": at_least(0, " (0 = all)"),
+    "data.prepared_dir": any_text("a folder; empty = the default"),
+    "data.workers": at_least(0, " (0 = one per CPU core)"),
+    "optim.name": Allowed(lambda v, s: optax_factory(v) is not None,
+                          ": an optax optimizer (sgd, adam, adamw, adafactor, rmsprop, lion, ...)"),
+    "optim.learning_rate": above(0),
+    "optim.kwargs": Allowed(_known_arguments, " of arguments of the optimizer optim.name",
+                            lambda s: f"; optax.{s.name} takes "
+                                      f"{', '.join(optax_arguments(s.name)[0])}"),
+    "optim.clip_norm": at_least(0, " (0 = off)"),
+    "optim.schedule": one_of(*SCHEDULES),
+    "optim.decay_start_epoch": at_least(0),
+    "optim.decay_every_epochs": above(0),
+    "optim.decay_factor": Allowed(lambda v, s: 0 < v <= 1, " in (0, 1]"),
+    "optim.label_smoothing": Allowed(lambda v, s: 0 <= v < 1, " in [0, 1) (0 = off)"),
+    "train.batch_size": at_least(1),
+    "train.num_epochs": above(0),
+    "train.num_steps": at_least(0, " (0 = from train.num_epochs)"),
+    "train.eval_every": at_least(0, " (0 = only at the end)"),
+    "train.checkpoint_every": at_least(0, " (0 = only at the end)"),
+    "train.keep_checkpoints": at_least(1),
+    "train.log_every": at_least(1),
+    "train.seed": at_least(0),
+    "train.eval_batch_size": at_least(1),
+    "train.max_bad_steps": at_least(0, " (0 = never stop)"),
+    "train.allow_config_change": ANY,
+    "decode.beam_size": at_least(1),
+    "decode.nbest": Allowed(lambda v, s: 1 <= v <= s.beam_size, " from 1 to decode.beam_size",
+                            lambda s: f"; decode.beam_size is {s.beam_size}"),
+    "decode.max_len_a": at_least(0),
+    "decode.max_len_b": at_least(0),
+    "decode.length_penalty": at_least(0, " (0 = none, the paper's)"),
+    "decode.batch_size": at_least(1),
+    "decode.max_input_len": at_least(1),
+    "parallel.strategy": one_of(*STRATEGIES),
+    "parallel.data": Allowed(lambda v, s: v == -1 or v >= 1,
+                             ": an integer, -1 (all devices) or >= 1"),
+    "parallel.model": at_least(1),
+    "parallel.distributed": ANY,
+}
+TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string",
+              bool: "true or false"}  # and "a JSON object" for a mapping
+
+
+@functools.cache
+def _field_annotations(section_cls: type) -> dict[str, Any]:
+  hints = typing.get_type_hints(section_cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+  if annotation is bool:
+    return isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if annotation is float:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+  if annotation is str:
+    return isinstance(value, str)
+  return isinstance(value, Mapping)
+
+
+def _section_name(cls: type) -> str:
+  """ModelConfig -> model: a section's name in `Config` and on the command line."""
+  return cls.__name__.removesuffix("Config").lower()
+
+
+def describe(name: str) -> str:
+  """What the field `section.field` accepts, in words (the table of docs/reliability.md)."""
+  sec, fld = name.split(".", 1)
+  cls = {_section_name(c): c for c in _Checked.__subclasses__()}[sec]
+  said = ALLOWED[name].text
+  if said.startswith(": "):
+    return said[2:]
+  return TYPE_WORDS.get(_field_annotations(cls)[fld], "a JSON object") + said
+
+
+def check_section(section: Any) -> None:
+  """Raises ConfigError (one line: the field, the value, what is allowed) for the first field
+  of a config section whose value its type or `ALLOWED` refuses."""
+  sec = _section_name(type(section))
+  for fld, annotation in _field_annotations(type(section)).items():
+    name, value = f"{sec}.{fld}", getattr(section, fld)
+    if name not in ALLOWED:
+      raise ConfigError(f"{name} has no entry in config.ALLOWED")
+    rule = ALLOWED[name]
+    if not _type_ok(value, annotation) or not rule.test(value, section):
+      raise ConfigError(f"bad value {value!r} for {name}: allowed: {describe(name)}"
+                        f"{rule.detail(section)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,14 +335,6 @@ class Config:
   train: TrainConfig = TrainConfig()
   decode: DecodeConfig = DecodeConfig()
   parallel: ParallelConfig = ParallelConfig()
-
-
-class ConfigError(ValueError):
-  """A config field name or value that cannot be used; the message says which and why."""
-
-
-def _section_types(cfg: Config) -> dict[str, type]:
-  return {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
 def field_names(cfg: Config) -> list[str]:
@@ -163,13 +376,9 @@ def _parse_value(name: str, text: Any, annotation: Any) -> Any:
       if not isinstance(value, dict):
         raise ValueError("expected a JSON object such as {\"b1\": 0.9}")
       return dict(value)
-  except (ValueError, TypeError, json.JSONDecodeError) as e:
-    raise ConfigError(f"bad value {text!r} for {name}: {e}") from None
+  except (ValueError, TypeError, json.JSONDecodeError):
+    raise ConfigError(f"bad value {text!r} for {name}: allowed: {describe(name)}") from None
   raise ConfigError(f"field {name} has an unsupported type {annotation}")
-
-
-def _field_annotations(section_cls: type) -> dict[str, Any]:
-  return typing.get_type_hints(section_cls)
 
 
 def override(cfg: Config, updates: Mapping[str, Any]) -> Config:

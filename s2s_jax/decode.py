@@ -25,7 +25,8 @@ Beam search semantics (the paper's, by default):
   hypothesis grows, so no later complete hypothesis could enter the n-best list. With a length
   penalty the bound is live log p / lp(cap), still exact.
 - Maximum length: sentence b emits at most cap_b = min(max_len, floor(a * |x_b|) + b) tokens,
-  </s> included; at its last position only </s> is allowed (log p(</s>) is still scored).
+  </s> included; at its last position only </s> is allowed (log p(</s>) is still scored). The
+  caps are computed exactly on the host (`output_caps`) and passed to the search as an array.
 - <pad> and <s> are never emitted (they are not output words); <unk> may be.
 - Ties: the lower (beam-major) index wins everywhere, as in `argmax`; a complete hypothesis
   found earlier wins over an equal later one. Each sentence's search uses only its own rows, and
@@ -35,6 +36,7 @@ Beam search semantics (the paper's, by default):
 
 from __future__ import annotations
 
+import fractions
 import functools
 import math
 import sys
@@ -63,16 +65,26 @@ class Hypotheses(NamedTuple):
   attention_BxNxTxS: Array | None = None  # the weights of every output token (if asked)
 
 
-def max_output_length(src_len_B: Array, a: float, b: int) -> Array:
-  """Per-sentence cap on output length (</s> included): a * source length + b."""
-  return jnp.floor(a * src_len_B).astype(jnp.int32) + b
+def max_output_length(src_len: int, a: float, b: int) -> int:
+  """The cap on the output length (</s> included) for `src_len` source tokens: floor(a *
+  src_len) + b, at least 1, exactly, with `a` the decimal number it is written as (1.3 is
+  13/10, not the nearest binary fraction: floor(1.3 * 90) + 0 is 117)."""
+  a_exact = fractions.Fraction(repr(float(a)))
+  return max(1, a_exact.numerator * int(src_len) // a_exact.denominator + int(b))
 
 
-def source_caps(src_BxS: Array, max_len: int, a: float, b: int) -> Array:
-  """Each sentence's cap min(max_len, a*|x|+b); 1 (only </s>) for an all-padding row."""
-  src_len_B = jnp.sum(src_BxS != PAD_ID, axis=1)
-  cap_B = jnp.minimum(max_output_length(src_len_B, a, b), max_len)
-  return jnp.where(src_len_B == 0, 1, cap_B)
+def output_caps(src_lengths: Sequence[int], a: float, b: int, max_len: int) -> np.ndarray:
+  """int32 caps of a batch: min(max_len, `max_output_length`) a sentence, 1 (only </s>) for an
+  empty row."""
+  return np.asarray([min(max_len, max_output_length(n, a, b)) if n else 1
+                     for n in src_lengths], np.int32)
+
+
+def _caps(src_BxS: Array, cap_B: Array | None, max_len: int) -> Array:
+  """`cap_B`, or max_len for every sentence (1 for an all-padding row) when it is None."""
+  if cap_B is not None:
+    return jnp.asarray(cap_B, jnp.int32)
+  return jnp.where(jnp.any(src_BxS != PAD_ID, axis=1), max_len, 1)
 
 
 def length_penalty_factor(length: Array, alpha: float) -> Array:
@@ -238,26 +250,28 @@ def _kernels_on(cfg: ensemble.ModelCfg) -> bool:
   return all(model.cpu_kernels_on(c) for c in (cfg if isinstance(cfg, tuple) else (cfg,)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "len_a", "len_b", "alignment"))
-def greedy(params: model.Params, src_BxS: Array, *, cfg: ensemble.ModelCfg, max_len: int,
-           len_a: float = 1.5, len_b: int = 10, alignment: bool = False) -> tuple[Array, ...]:
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "alignment"))
+def greedy(params: model.Params, src_BxS: Array, cap_B: Array | None = None, *,
+           cfg: ensemble.ModelCfg, max_len: int, alignment: bool = False) -> tuple[Array, ...]:
   """Arg-max decoding with a model or an ensemble. Returns (tokens BxT, log p B) and, with
-  `alignment`, the attention weights BxTxS."""
+  `alignment`, the attention weights BxTxS. `cap_B`: each sentence's `output_caps` (None:
+  max_len)."""
   state = ensemble.encode(params, src_BxS, cfg)
   argmax = cpu_kernels.argmax if _kernels_on(cfg) else (lambda x: jnp.argmax(x, axis=-1))
-  return greedy_search(_model_step(params, cfg), state, source_caps(src_BxS, max_len, len_a, len_b),
-                       max_len, argmax, _alignment(cfg, alignment))
+  return greedy_search(_model_step(params, cfg), state, _caps(src_BxS, cap_B, max_len), max_len,
+                       argmax, _alignment(cfg, alignment))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "beam_size", "nbest", "max_len", "len_a",
-                                             "len_b", "length_penalty", "alignment"))
-def beam(params: model.Params, src_BxS: Array, *, cfg: ensemble.ModelCfg, beam_size: int,
-         nbest: int = 1, max_len: int, len_a: float = 1.5, len_b: int = 10,
+@functools.partial(jax.jit, static_argnames=("cfg", "beam_size", "nbest", "max_len",
+                                             "length_penalty", "alignment"))
+def beam(params: model.Params, src_BxS: Array, cap_B: Array | None = None, *,
+         cfg: ensemble.ModelCfg, beam_size: int, nbest: int = 1, max_len: int,
          length_penalty: float = 0.0, alignment: bool = False) -> Hypotheses:
-  """Beam search with a model or an ensemble; the encoder runs once per batch. `alignment`:
-  also return the attention weights of the hypotheses (Hypotheses.attention_BxNxTxS)."""
+  """Beam search with a model or an ensemble; the encoder runs once per batch. `cap_B`: each
+  sentence's `output_caps` (None: max_len). `alignment`: also return the attention weights of
+  the hypotheses (Hypotheses.attention_BxNxTxS)."""
   state = ensemble.encode(params, src_BxS, cfg)
-  return beam_search(_model_step(params, cfg), state, source_caps(src_BxS, max_len, len_a, len_b),
+  return beam_search(_model_step(params, cfg), state, _caps(src_BxS, cap_B, max_len),
                      beam_size=beam_size, nbest=nbest, max_len=max_len,
                      length_penalty=length_penalty, alignment=_alignment(cfg, alignment))
 
@@ -319,9 +333,6 @@ def translate_ids(params: model.Params, cfg: ensemble.ModelCfg, sources: Sequenc
   gets an empty translation without decoding. `alignment`: fill Translation.attention (the
   model needs attention).
   """
-  if dcfg.beam_size < 1 or not 1 <= dcfg.nbest <= dcfg.beam_size:
-    raise ValueError(f"decode.beam_size must be >= 1 and 1 <= decode.nbest <= beam_size, got "
-                     f"beam_size={dcfg.beam_size}, nbest={dcfg.nbest}")
   results: list[list[Translation]] = [[Translation([], 0.0, 0.0)] for _ in sources]
   todo = [i for i, s in enumerate(sources) if len(s)]
   chunks = _length_sorted_chunks([len(sources[i]) for i in todo], dcfg.batch_size)
@@ -356,15 +367,15 @@ def translate_ids(params: model.Params, cfg: ensemble.ModelCfg, sources: Sequenc
     src = np.zeros((_batch_rows(len(idx), dcfg.batch_size), s_len), np.int32)
     for r, i in enumerate(idx):
       src[r, :len(sources[i])] = sources[i]
-    max_len = int(math.floor(dcfg.max_len_a * s_len)) + dcfg.max_len_b
-    kw = dict(cfg=cfg, max_len=max_len, len_a=dcfg.max_len_a, len_b=dcfg.max_len_b)
-    if alignment:
-      kw["alignment"] = True
+    max_len = max_output_length(s_len, dcfg.max_len_a, dcfg.max_len_b)
+    caps = output_caps([len(sources[i]) for i in idx] + [0] * (len(src) - len(idx)),
+                       dcfg.max_len_a, dcfg.max_len_b, max_len)
+    kw = {"alignment": True} if alignment else {}
     if dcfg.beam_size == 1:
-      out = greedy(params, src, **kw)
+      out = greedy(params, src, caps, cfg=cfg, max_len=max_len, **kw)
     else:
-      out = beam(params, src, beam_size=dcfg.beam_size, nbest=dcfg.nbest,
-                 length_penalty=dcfg.length_penalty, **kw)
+      out = beam(params, src, caps, cfg=cfg, beam_size=dcfg.beam_size, nbest=dcfg.nbest,
+                 max_len=max_len, length_penalty=dcfg.length_penalty, **kw)
     if pending is not None:
       collect(*pending)
     pending = (idx, out)

@@ -10,7 +10,6 @@ import jax
 
 # x86 instructions that XLA's CPU dots use for bfloat16 operands (AVX512-BF16 dot products, AMX).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-COMPUTE_DTYPES = ("float32", "bfloat16", "auto")  # model.compute_dtype's values
 
 
 def native_bf16_dtype(backend: str | None = None,

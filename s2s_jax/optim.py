@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import jax.numpy as jnp
 import optax
 
+from s2s_jax import config as config_lib
 from s2s_jax.config import ConfigError, OptimConfig
 
 
@@ -46,20 +46,7 @@ def make_optimizer(cfg: OptimConfig, steps_per_epoch: int) -> tuple[optax.Gradie
   optax.clip_by_global_norm(5) is exactly the paper's: s = ||g||, g <- 5 g / s if s > 5,
   with g the gradient of the batch loss (summed NLL / number of sentences).
   """
-  if not 0.0 <= cfg.label_smoothing < 1.0:
-    raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
-  factory = getattr(optax, cfg.name, None)
-  if factory is None or not callable(factory) or cfg.name.startswith("_"):
-    raise ConfigError(f"optim.name={cfg.name!r} is not an optax optimizer "
-                      "(try sgd, adam, adamw, adafactor, rmsprop, adagrad, lion, ...)")
-  params = inspect.signature(factory).parameters
-  if "learning_rate" not in params:
-    raise ConfigError(f"optax.{cfg.name} takes no learning_rate: it is not an optimizer factory")
-  unknown = [k for k in cfg.kwargs if k not in params and not any(
-      p.kind == p.VAR_KEYWORD for p in params.values())]
-  if unknown:
-    raise ConfigError(f"optax.{cfg.name} has no argument(s) {unknown}; it takes "
-                      f"{[p for p in params if p != 'learning_rate']}")
+  factory = config_lib.optax_factory(cfg.name)  # the config checked name and kwargs
   schedule = learning_rate_schedule(cfg, steps_per_epoch)
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
   parts.append(factory(learning_rate=schedule, **dict(cfg.kwargs)))

@@ -54,11 +54,24 @@ def init_state(cfg: Config, tx: optax.GradientTransformation, src_vocab: int,
 DROPOUT_STREAM = 1  # the dropout keys: fold_in(fold_in(PRNGKey(train.seed), this), step)
 
 
+def schedule_at(opt_state: optax.OptState, step: jax.Array) -> optax.OptState:
+  """`opt_state` with the step count of its learning-rate schedule set to `step`.
+
+  optax counts the updates it applied; the train state counts steps, skipped non-finite ones
+  included. The schedule follows the steps, like the logged lr and the run length.
+  """
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  return jax.tree_util.tree_map(
+      lambda x: x._replace(count=step.astype(x.count.dtype)) if is_schedule(x) else x,
+      opt_state, is_leaf=is_schedule)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConfig,
                tx: optax.GradientTransformation, loss_fn: Callable = model.loss_fn,
                reduce: Callable = lambda tree: tree, seed: int = 0,
                label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on the paper's loss. A non-finite loss or gradient leaves the state as it was.
+  """One SGD step on the paper's loss, at the learning rate of step `state.step`. A non-finite
+  loss or gradient leaves the state as it was (but for the step count).
 
   `loss_fn` and `reduce` come from the parallel strategy: a vocabulary-sharded loss, or under
   pmap each device's share of the loss and a psum of (loss, aux, grads) over devices.
@@ -67,7 +80,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConf
   (optim.label_smoothing) goes to the loss too. With both off the step is the paper's.
   """
   switches = {}
-  if cfg.dropout > 0:
+  if getattr(cfg, "dropout", 0.0) > 0:  # (a custom loss_fn may take no model config)
     stream = jax.random.fold_in(jax.random.PRNGKey(seed), DROPOUT_STREAM)
     switches["rng"] = jax.random.fold_in(stream, state.step)
   if label_smoothing > 0:
@@ -77,7 +90,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConf
   loss, aux, grads = reduce((loss, aux, grads))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = tx.update(grads, schedule_at(state.opt_state, state.step), state.params)
   params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
@@ -171,7 +184,7 @@ class Trainer:
   The attributes hooks read: cfg, workdir, step, state, strategy, eval_fn, batches,
   steps_per_epoch, num_steps, writer, checkpoints, progress_bar, result (the metrics `train`
   returns) and, for the train records, `pending` (the metrics of the steps not yet logged) and
-  `words` (their source + target words).
+  `words` (their source + target words, the rows of every process).
   """
 
   def __init__(self, cfg: Config, workdir: str, progress: bool = True):
@@ -197,6 +210,8 @@ class Trainer:
     self.batches = pipeline.BatchIterator(
         corpus.examples["train"], cfg.train.batch_size, cfg.data.bucket_width, cfg.train.seed,
         cfg.data.bucket_growth, rows=self.strategy.host_rows(cfg.train.batch_size))
+    # Saved with the data position: a resume refuses another corpus, wherever it lies.
+    self.corpus_id = {"corpus": corpus.content_key, "corpus_name": corpus.name}
     self.valid = corpus.examples["valid"]
     if cfg.data.max_eval_sentences > 0:
       self.valid = self.valid[:cfg.data.max_eval_sentences]
@@ -243,10 +258,16 @@ class Trainer:
       return False
     state, data_state, latest = restored
     self.state = self.strategy.from_canonical(state)
+    where = os.path.join(self.workdir, checkpoint.CHECKPOINT_DIR, str(latest))
+    saved = data_state.get("corpus", self.corpus_id["corpus"])  # older checkpoints: no key
+    if saved != self.corpus_id["corpus"]:
+      raise sources.DataError(
+          f"{where}: trained on the corpus {data_state.get('corpus_name')} (content key "
+          f"{saved}), but this run reads {self.corpus_id['corpus_name']} (content key "
+          f"{self.corpus_id['corpus']}); resume with the original corpus, or use a new --workdir")
     try:
       self.batches.restore(data_state)
     except ValueError as e:  # the corpus is not the one the checkpoint was trained on
-      where = os.path.join(self.workdir, checkpoint.CHECKPOINT_DIR, str(latest))
       raise sources.DataError(f"{where}: {e}; resume with the original corpus, or use a new "
                               "--workdir") from None
     logging.info("resumed from checkpoint at step %d (epoch %d, batch %d)", latest,
@@ -273,7 +294,7 @@ class Trainer:
       while self.step < self.num_steps and stop.received is None:
         position = (self.batches.epoch, self.batches.index)
         batch = next(self.batches)
-        self.words += count_words(batch)
+        self.words += self.batches.last_words  # of every process's rows
         self.state, metrics = self.train_fn(self.state, batch)
         self.step += 1
         if self.step == self.start_step + 1:  # data, initialization, compilation and one step
@@ -324,7 +345,7 @@ class Trainer:
 
   def close(self) -> None:
     """Teardown: waits for checkpoints being written, closes the metrics and the progress bar."""
-    self.checkpoints.wait_until_finished()
+    checkpoint.wait(self.checkpoints)
     self.writer.close()
     if self.progress_bar is not None:
       self.progress_bar.close()
@@ -367,7 +388,8 @@ def save_checkpoint(t: Trainer) -> None:
   """A checkpoint of the canonical state and the data position (asynchronous)."""
   if t.checkpoints.latest_step() == t.step:
     return
-  checkpoint.save(t.checkpoints, t.step, t.strategy.to_canonical(t.state), t.batches.state())
+  checkpoint.save(t.checkpoints, t.step, t.strategy.to_canonical(t.state),
+                  dict(t.batches.state(), **t.corpus_id))
 
 
 def train(cfg: Config, workdir: str, progress: bool = True,

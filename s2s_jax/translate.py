@@ -72,11 +72,7 @@ def load(workdirs: Sequence[str], decode_updates: Mapping[str, Any] | None = Non
   """The model of one WORKDIR, or the ensemble of several, with `{'decode.field': value}`
   overrides (strings are parsed by the field's type) applied to the first one's config."""
   cfg, params, src_vocab, tgt_vocab, steps, model_cfg = ensemble.load(workdirs)
-  cfg = config_lib.override(cfg, decode_updates or {})
-  d = cfg.decode
-  if d.beam_size < 1 or not 1 <= d.nbest <= d.beam_size or d.batch_size < 1 or d.max_input_len < 1:
-    raise ConfigError("decode settings need beam_size >= 1, 1 <= nbest <= beam_size, "
-                      f"batch_size >= 1 and max_input_len >= 1; got {d}")
+  cfg = config_lib.override(cfg, decode_updates or {})  # checked: see config.ALLOWED
   logging.info("loaded %d model(s) from %s at step(s) %s", len(steps), ", ".join(workdirs), steps)
   return Loaded(cfg, params, src_vocab, tgt_vocab, steps, workdirs[0],
                 model_cfg if isinstance(model_cfg, tuple) else None)

@@ -101,7 +101,7 @@ def test_the_embedded_phrases_form_voice_and_order_pairs():
 
 
 def test_encoder_states_are_the_models_final_state_whatever_the_batch():
-  cfg = c.override(c.Config(), {**TINY, "data.reverse_source": "true"})
+  cfg = c.override(c.Config(), {**TINY, "data.path": "unread", "data.reverse_source": "true"})
   vocab = Vocab(["<pad>", "<unk>", "<s>", "</s>", "john", "admires", "mary", "sees"])
   params = model.init_params(jax.random.PRNGKey(3), cfg.model, len(vocab), 9)
   m = translate.Loaded(cfg, params, vocab, vocab, [0], "")

@@ -11,7 +11,7 @@ import pytest
 from s2s_jax import decode, ensemble, model
 from s2s_jax.config import DecodeConfig, ModelConfig
 from s2s_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID
-from test_decode import A, B_, N, ROWS, S, SRC_V, T, TGT_V, W, as_seq, pad, sources
+from test_decode import A, B_, N, ROWS, SRC_V, T, TGT_V, W, as_seq, caps, pad, sources
 
 ATT = ModelConfig(num_layers=2, hidden_size=16, embed_size=8, init_scale=0.5,
                   attention="general", input_feeding=True, encoder="bi")
@@ -31,11 +31,11 @@ def make_params(cfg, seed):
 
 def beam(p, src, cfg=ATT, max_len=T, **kw):
   kw = {"beam_size": W, "nbest": N, **kw}
-  return jax.device_get(decode.beam(p, src, cfg=cfg, max_len=max_len, len_a=A, len_b=B_, **kw))
+  return jax.device_get(decode.beam(p, src, caps(src, max_len), cfg=cfg, max_len=max_len, **kw))
 
 
 def greedy(p, src, cfg=ATT, max_len=T, **kw):
-  return jax.device_get(decode.greedy(p, src, cfg=cfg, max_len=max_len, len_a=A, len_b=B_, **kw))
+  return jax.device_get(decode.greedy(p, src, caps(src, max_len), cfg=cfg, max_len=max_len, **kw))
 
 
 teacher_forced = jax.jit(lambda p, src, tgt, cfg: model.token_log_probs(

@@ -98,6 +98,7 @@ TINY = ModelConfig(num_layers=2, hidden_size=16, embed_size=8, init_scale=1.0)
 SRC_V, TGT_V = 30, 25
 SRC_LENS = (9, 1, 4, 0, 7, 2)  # row 3 is empty: its cap is 1 (only </s>)
 LEN_A, LEN_B, MAX_LEN = 1.0, 2, 12
+CAPS = decode.output_caps(SRC_LENS, LEN_A, LEN_B, MAX_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +122,8 @@ def tiny():
 
 
 def ours_beam(params, src, beam_size, nbest, alpha):
-  return jax.device_get(decode.beam(params, src, cfg=TINY, beam_size=beam_size, nbest=nbest,
-                                    max_len=MAX_LEN, len_a=LEN_A, len_b=LEN_B,
-                                    length_penalty=alpha))
+  return jax.device_get(decode.beam(params, src, CAPS, cfg=TINY, beam_size=beam_size,
+                                    nbest=nbest, max_len=MAX_LEN, length_penalty=alpha))
 
 
 def test_the_tiny_model_ends_before_at_and_long_before_its_caps(tiny):
@@ -146,7 +146,8 @@ def test_torch_beam_search_equals_ours(tiny, beam_size, nbest, alpha):
   params, net, src = tiny
   ours = ours_beam(params, src, beam_size, nbest, alpha)
   theirs = torch_ref.beam(net, torch.from_numpy(src).long(), beam_size=beam_size, nbest=nbest,
-                          max_len=MAX_LEN, len_a=LEN_A, len_b=LEN_B, length_penalty=alpha)
+                          cap_B=torch.from_numpy(CAPS), max_len=MAX_LEN,
+                          length_penalty=alpha)
   np.testing.assert_array_equal(theirs.tokens_BxNxT.numpy(), ours.tokens_BxNxT)
   np.testing.assert_allclose(theirs.scores_BxN.numpy(), ours.scores_BxN, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(theirs.log_probs_BxN.numpy(), ours.log_probs_BxN, rtol=1e-5,
@@ -161,8 +162,7 @@ def test_torch_greedy_equals_ours(tiny):
   params, net, src = tiny
   full = src[np.array(SRC_LENS) == max(SRC_LENS)].repeat(2, axis=0)
   full[1, :3] = full[1, :3][::-1]
-  tok, lp = jax.device_get(decode.greedy(params, full, cfg=TINY, max_len=MAX_LEN, len_a=0.0,
-                                         len_b=MAX_LEN))
+  tok, lp = jax.device_get(decode.greedy(params, full, cfg=TINY, max_len=MAX_LEN))
   tok_t, lp_t = torch_ref.greedy(net, torch.from_numpy(full).long(), MAX_LEN)
   np.testing.assert_array_equal(tok_t.numpy(), tok)
   np.testing.assert_allclose(lp_t.numpy(), lp, rtol=1e-5, atol=1e-5)
@@ -186,7 +186,7 @@ def test_torch_attention_model_computes_our_loss_and_gradients(tiny, attention, 
   net.load_params(params)
   loss_t = net.loss(torch.from_numpy(full).long(), torch.from_numpy(tgt).long())
   loss_t.backward()
-  assert float(loss_t) == pytest.approx(float(loss), rel=1e-6)
+  assert float(loss_t.detach()) == pytest.approx(float(loss), rel=1e-6)
   np.testing.assert_allclose(net.att["w_c"].grad.numpy(), grads["attention"]["w_c"], rtol=1e-4,
                              atol=1e-6)
   np.testing.assert_allclose(net.decoder.weight_ih_l0.grad.numpy().T, grads["decoder"][0]["w_x"],

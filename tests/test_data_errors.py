@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from s2s_jax.config import DataConfig
+from s2s_jax.config import ConfigError, DataConfig
 from s2s_jax.data import pipeline, sources
 from s2s_jax.data.sources import DataError
 
@@ -55,14 +55,18 @@ def test_missing_file_and_missing_language_name_the_path(tmp_path):
   assert msg.startswith(f"{folder}/train.de: file not found")
   assert "languages found there: en, fr" in msg
   assert load_error(tmp_path / "nowhere").startswith(f"{tmp_path}/nowhere: folder not found")
-  assert "--data.path=DIR" in load_error("")
+  with pytest.raises(ConfigError, match="bad value '' for data.path"):  # refused up front
+    load_error("")
 
 
 def test_bad_settings_and_an_empty_training_set(tmp_path):
   folder = write(tmp_path, good_files())
-  assert "data.source must be synthetic, text or tfds" in load_error(folder, source="csv")
-  assert "data.tokenizer must be one of moses, none, sentencepiece" in load_error(folder,
-                                                                                  tokenizer="x")
+  with pytest.raises(ConfigError, match="bad value 'csv' for data.source: allowed: one of "
+                                        "synthetic, text, tfds"):
+    load_error(folder, source="csv")
+  with pytest.raises(ConfigError, match="bad value 'x' for data.tokenizer: allowed: one of "
+                                        "moses, none, sentencepiece"):
+    load_error(folder, tokenizer="x")
   msg = load_error(folder, max_len=1)
   assert msg == ("no training pairs left: 2 read, 0 with an empty side, 2 longer than "
                  "data.max_len=1")

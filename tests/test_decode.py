@@ -141,7 +141,7 @@ CFG = ModelConfig(num_layers=2, hidden_size=16, embed_size=8, init_scale=0.5)
 SRC_V, TGT_V = 30, 25
 A, B_ = 1.5, 4  # max_len_a, max_len_b
 ROWS, S = 8, decode.MIN_PADDED_LEN
-T = math.floor(A * S) + B_  # = translate_ids' max_len for S, so it reuses the compiled search
+T = decode.max_output_length(S, A, B_)  # translate_ids' max_len for S: the same compiled search
 W, N = 3, 3  # beam size and n-best of the shared runs
 
 
@@ -171,13 +171,17 @@ def pad(srcs, rows=ROWS, length=S) -> np.ndarray:
   return out
 
 
+def caps(src, max_len=T, a=A, b=B_):
+  return decode.output_caps(np.sum(src != PAD_ID, axis=1), a, b, max_len)
+
+
 def run_beam(p, src, beam_size=W, nbest=N, max_len=T):
-  return jax.device_get(decode.beam(p, src, cfg=CFG, max_len=max_len, len_a=A, len_b=B_,
+  return jax.device_get(decode.beam(p, src, caps(src, max_len), cfg=CFG, max_len=max_len,
                                     beam_size=beam_size, nbest=nbest, length_penalty=0.0))
 
 
 def run_greedy(p, src, max_len=T):
-  return jax.device_get(decode.greedy(p, src, cfg=CFG, max_len=max_len, len_a=A, len_b=B_))
+  return jax.device_get(decode.greedy(p, src, caps(src, max_len), cfg=CFG, max_len=max_len))
 
 
 teacher_forced = jax.jit(
@@ -261,7 +265,28 @@ def test_max_length_cap_and_no_pad_or_bos(params):
     for seq in [as_seq(tok[i])] + [as_seq(t) for t in hyp.tokens_BxNxT[i]]:
       assert len(seq) == cap and seq[-1] == EOS_ID and not {PAD_ID, BOS_ID} & set(seq)
   assert int(hyp.steps) == 17  # the longest cap, floor(1.5 * 9) + 4: the loop stops there
+  # The caps the search gets are exact for any a: 1.3 * 90 is 117 (116.99999 in float32).
+  srcs = [[5] * 90, [6] * 77, [7] * 10]
+  dcfg = DecodeConfig(beam_size=1, max_len_a=1.3, max_len_b=0)
+  out = decode.translate_ids(p, CFG, srcs, dcfg)
+  assert [len(r[0].tokens) + 1 for r in out] == [117, 100, 13]  # words + </s>
 
+
+def test_output_caps_are_exact_over_a_grid():
+  """floor(a * |x|) + b with a the decimal number written, for a = 0, 0.01, ..., 3 and a few
+  more, and |x| = 0..300 (an empty row: 1)."""
+  from decimal import Decimal
+  lengths = np.arange(301)
+  grid = [f"{k / 100:.2f}" for k in range(301)] + ["1.15", "0.333", "2.675", "1e-05", "7.77"]
+  float32_wrong = 0
+  for text in grid:
+    want = [max(1, math.floor(Decimal(text) * n) + 2) if n else 1 for n in range(301)]
+    np.testing.assert_array_equal(decode.output_caps(lengths, float(text), 2, 10**6), want)
+    f32 = np.floor(np.float32(text) * lengths.astype(np.float32)).astype(np.int64) + 2
+    float32_wrong += int(np.sum(f32[1:] != np.asarray(want)[1:]))
+  assert float32_wrong > 100  # the grid holds many cases that float32 gets wrong
+  assert decode.max_output_length(90, 1.3, 0) == 117 and decode.max_output_length(10, 0.7, 0) == 7
+  np.testing.assert_array_equal(decode.output_caps([0, 5, 9], 1.5, 4, 15), [1, 11, 15])
 
 
 def test_translate_ids_order_empty_and_chunks(params, shared):

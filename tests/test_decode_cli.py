@@ -122,7 +122,8 @@ def test_translate_errors(workdir, tmp_path, capsys):
            (["--workdir", str(tmp_path / "nowhere"), "--input", src], "config.json: not found", 1),
            (["--workdir", workdir, "--input", str(tmp_path / "missing.txt")],
             "missing.txt: file not found", 1),
-           (["--workdir", workdir, "--input", src, "--nbest", 5], "nbest <= beam_size", 2),
+           (["--workdir", workdir, "--input", src, "--nbest", 5], "bad value 5 for decode.nbest: "
+            "allowed: an integer from 1 to decode.beam_size; decode.beam_size is 3", 2),
            (["--workdir", workdir, "--input", src, "--beam_size", "two"],
             "bad value 'two' for decode.beam_size", 2)]
   for args, message, status in cases:  # status 2: a config value (cli.run's policy)

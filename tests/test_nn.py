@@ -116,14 +116,15 @@ def test_outputs_and_gradients_equal_the_pure_functions():
 def test_beam_search_through_the_module_equals_decode_beam():
   p = params(4)
 
+  caps_B = decode.output_caps(np.sum(np.asarray(SRC_BxS) != 0, axis=1), 1.5, 10, MAX_LEN)
+
   @jax.jit
   def flax_beam(m):
-    caps_B = decode.source_caps(SRC_BxS, MAX_LEN, 1.5, 10)
     return decode.beam_search(m.step, m.encode(SRC_BxS), caps_B, beam_size=3, nbest=2,
                               max_len=MAX_LEN)
 
   hyps = flax_beam(nn.Seq2Seq.from_params(CFG, p))
-  want = decode.beam(p, SRC_BxS, cfg=CFG, beam_size=3, nbest=2, max_len=MAX_LEN)
+  want = decode.beam(p, SRC_BxS, caps_B, cfg=CFG, beam_size=3, nbest=2, max_len=MAX_LEN)
   assert_trees_equal(tuple(hyps), tuple(want))
   tok_BxNxT = np.asarray(want.tokens_BxNxT)
   assert np.all(np.isfinite(want.scores_BxN[:3])) and np.any(tok_BxNxT[:, 0] != tok_BxNxT[:, 1])

@@ -1,5 +1,6 @@
 """The paper's gradient clipping and learning-rate schedule; optimizers by name."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -61,10 +62,36 @@ def test_any_optax_optimizer_by_name():
     optim.make_optimizer(OptimConfig(name=name, learning_rate=1e-3, schedule="constant"), 10)
 
 
-def test_bad_optimizer_names_and_kwargs():
-  with pytest.raises(ConfigError, match="not an optax optimizer"):
-    optim.make_optimizer(OptimConfig(name="adamm"), 10)
-  with pytest.raises(ConfigError, match="no argument"):
-    optim.make_optimizer(OptimConfig(name="adam", kwargs={"beta1": 0.9}), 10)
-  with pytest.raises(ConfigError, match="no learning_rate"):
-    optim.make_optimizer(OptimConfig(name="global_norm"), 10)
+def test_bad_optimizer_names_and_kwargs_are_refused_by_the_config():
+  with pytest.raises(ConfigError, match="bad value 'adamm' for optim.name: allowed: an optax"):
+    OptimConfig(name="adamm")
+  with pytest.raises(ConfigError, match=r"bad value \{'beta1': 0.9\} for optim.kwargs: .*"
+                     r"optax.adam takes b1, b2, eps"):
+    OptimConfig(name="adam", kwargs={"beta1": 0.9})
+  with pytest.raises(ConfigError, match="bad value 'global_norm' for optim.name"):
+    OptimConfig(name="global_norm")  # an optax function, but no optimizer: no learning_rate
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_the_learning_rate_follows_the_steps_skipped_ones_included(name):
+  """Step 6 of a run that skipped 2 non-finite steps (optax has applied 4 updates) uses lr(6),
+  the rate the log shows and the decay boundaries count in steps; adam's own count (its bias
+  correction) still counts the updates it applied."""
+  from s2s_jax import train
+  cfg = OptimConfig(name=name, learning_rate=0.7, clip_norm=0.0, decay_start_epoch=1.0,
+                    decay_every_epochs=1.0)
+  tx, schedule = optim.make_optimizer(cfg, 6)  # halves at step 6
+  assert float(schedule(4)) == pytest.approx(0.7) and float(schedule(6)) == pytest.approx(0.35)
+  w, x = jnp.array([1.0, -2.0, 3.0]), jnp.array([0.5, 0.25, -1.0])
+  loss_fn = lambda p, batch, _: (jnp.dot(p["w"], batch["x"]), {"nll_sum": 0.0, "num_tokens": 1})
+  opt_state = train.schedule_at(tx.init({"w": w}), jnp.int32(4))  # 4 updates applied
+  state = train.TrainState({"w": w}, opt_state, jnp.int32(6))
+  new, metrics = train.train_step(state, {"x": x}, cfg=None, tx=tx, loss_fn=loss_fn)
+  assert bool(metrics["finite"]) and int(new.step) == 7
+  step = x if name == "sgd" else jnp.sign(x)  # adam's first update: lr * sign(gradient)
+  np.testing.assert_allclose(new.params["w"], w - 0.35 * step, rtol=1e-5)
+  kinds = (optax.ScaleByScheduleState, optax.ScaleByAdamState)
+  counts = {type(s).__name__: int(s.count) for s in jax.tree_util.tree_leaves(
+      new.opt_state, is_leaf=lambda s: isinstance(s, kinds)) if isinstance(s, kinds)}
+  assert counts == ({"ScaleByScheduleState": 7} if name == "sgd" else
+                    {"ScaleByScheduleState": 7, "ScaleByAdamState": 1})

@@ -229,9 +229,11 @@ def test_other_layout_errors():
   with pytest.raises(ConfigError, match="parallel.model=3 devices per data replica do not divide "
                                         "the 8 devices: set parallel.model to one of 1, 2, 4, 8"):
     make(model=3)
-  with pytest.raises(ConfigError, match="parallel.strategy must be one of mesh, pmap, layers"):
+  with pytest.raises(ConfigError, match="bad value 'pjit' for parallel.strategy: allowed: one of "
+                                        "mesh, pmap, layers"):
     make(strategy="pjit")
-  with pytest.raises(ConfigError, match="parallel.data must be -1 .* or >= 1, got 0"):
+  with pytest.raises(ConfigError, match=r"bad value 0 for parallel.data: allowed: an integer, -1 "
+                                        r"\(all devices\) or >= 1"):
     make(data=0)
   strategy = make(data=1, model=8)
   with pytest.raises(ConfigError, match="parallel.model=8 must divide the target vocabulary"):

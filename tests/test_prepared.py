@@ -63,13 +63,17 @@ def test_arrays_and_lists_give_the_same_batches_resume_and_padding(corpus):
     np.testing.assert_array_equal(x["src"], y["src"])
 
 
-def test_a_host_fills_only_its_rows(corpus):
+def test_a_host_fills_only_its_rows_and_counts_the_words_of_all(corpus):
+  """words/s counts the words of every process: each knows the whole batch's lengths."""
+  from s2s_jax import train
   c, _ = corpus
   for examples in (c.examples["train"], list(c.examples["train"])):
     full = next(pipeline.BatchIterator(examples, 16, 2, seed=0))
-    part = next(pipeline.BatchIterator(examples, 16, 2, seed=0, rows=slice(8, 12)))
+    rows = pipeline.BatchIterator(examples, 16, 2, seed=0, rows=slice(8, 12))
+    part = next(rows)
     np.testing.assert_array_equal(part["src"][8:12], full["src"][8:12])
     assert not part["src"][:8].any() and not part["tgt"][12:].any()
+    assert rows.last_words == train.count_words(full) > train.count_words(part)
 
 
 def test_the_process_pool_writes_the_same_corpus_as_one_process(tmp_path, monkeypatch):
@@ -185,3 +189,66 @@ def test_text_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch
   assert sources.open_streams(cfg, str(tmp_path / "store"))[1] == again[1] and len(read) == 6
   read.clear()  # and written back whole
   assert sources.open_streams(cfg, str(tmp_path / "store"))[1] == again[1] and read == []
+
+
+@pytest.mark.parametrize("damage", ["train_id", "valid_id", "truncated", "offsets", "meta"])
+def test_a_damaged_store_is_an_error_naming_the_file(tmp_path, damage):
+  """Ids beyond the token table are found when a batch takes the sentence (training) or when
+  the store is opened (validation, test); sizes, offsets and meta.json when it is opened."""
+  folder = write_toy_corpus(str(tmp_path / "c"), sizes=(("train", 100), ("valid", 10),
+                                                         ("test", 10)))
+  cfg = cfg_for(folder, tmp_path / "store")
+  c = pipeline.load_corpus(cfg, None)
+  store, row = c.prepared.folder, int(c.examples["train"].rows[5])  # a kept training sentence
+  if damage in ("train_id", "valid_id"):
+    split, side, row = ("train", "tgt", row) if damage == "train_id" else ("valid", "src", 3)
+    path = os.path.join(store, f"{split}.{side}.ids")
+    start = np.load(os.path.join(store, f"{split}.{side}.offsets.npy"))[row]
+    ids = np.memmap(path, np.uint32, "r+")
+    ids[start] = 10**6
+    ids.flush()
+    del ids
+    expect = (f"{path}: sentence {row + 1} holds token id 1000000, beyond the" if damage ==
+              "train_id" else f"{path}: token id 1000000 is beyond the")
+  elif damage == "truncated":
+    path = os.path.join(store, "test.tgt.ids")
+    size = os.path.getsize(path)
+    os.truncate(path, size - 4)
+    expect = f"{path}: {size - 4} bytes, not the {size} of"
+  elif damage == "offsets":
+    path = os.path.join(store, "train.src.offsets.npy")
+    offsets = np.load(path)
+    offsets[5] = offsets[4] - 1
+    np.save(path, offsets)
+    expect = f"{path}: sentence 5 ends before it starts"
+  else:
+    path = os.path.join(store, "meta.json")
+    open(path, "a").write("}")
+    expect = f"{path}: unreadable \\(JSONDecodeError"
+  expect += ".*: the prepared corpus is damaged; delete " + store
+  if damage != "train_id":
+    with pytest.raises(DataError, match=expect):
+      pipeline.load_corpus(cfg, None)
+    return
+  c = pipeline.load_corpus(cfg, None)
+  batches = pipeline.BatchIterator(c.examples["train"], 16, 2, seed=0)
+  with pytest.raises(DataError, match=expect):
+    for _ in range(batches.batches_per_epoch):
+      next(batches)
+  with pytest.raises(DataError, match=expect):
+    c.examples["train"][5]
+
+
+def test_the_store_key_covers_the_tokenizer_code(tmp_path, monkeypatch):
+  """A change to the tokenizer's code (tokenize.py, moses.py) prepares the corpus again."""
+  from s2s_jax.data import moses
+  folder = write_toy_corpus(str(tmp_path / "c"), sizes=(("train", 30), ("valid", 5),
+                                                         ("test", 5)))
+  cfg = cfg_for(folder, tmp_path / "store", tokenizer="moses")
+  names = {os.path.basename(pipeline.load_corpus(cfg, None).prepared.folder)}
+  for module in (moses, tokenize):
+    fixed = tmp_path / os.path.basename(module.__file__)
+    fixed.write_bytes(open(module.__file__, "rb").read() + b"\n# a fix\n")
+    monkeypatch.setattr(module, "__file__", str(fixed))
+    names.add(os.path.basename(pipeline.load_corpus(cfg, None).prepared.folder))
+  assert len(names) == 3 and sorted(corpora(tmp_path / "store")) == sorted(names)

@@ -3,11 +3,13 @@
 (Kill -9 and bit-exact resume: tests/test_resume_kill.py.)
 """
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ from s2s_jax import train
 from s2s_jax import workdir as workdir_lib
 from s2s_jax.config import Config, ConfigError
 from s2s_jax.data import pipeline
+from s2s_jax.data.vocab import EOS_ID, PAD_ID
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "s2s_jax")
 
@@ -129,26 +132,37 @@ def _equal_trees(a, b) -> bool:
 
 @pytest.mark.parametrize("damage, reason", [
     ("flip", "does not match the checksum"),  # silent for orbax: only the checksum sees it
-    ("truncate", ""),  # orbax's own read error
-    ("data_json", ""),  # the iterator position is unreadable
+    ("truncate", "OUT_OF_RANGE: Error reading"),  # orbax's own read error
+    ("remove", "Error reading"),  # an array file is missing
+    ("metadata", "malformed metadata"),  # the state's metadata parses, but is not orbax's
+    ("data_json", "JSONDecodeError"),  # the iterator position is unreadable
+    ("data_item", 'Item "data" was not found'),  # the iterator position is gone
     ("integrity", "integrity"),  # the checksum record is gone
 ])
 def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, damage, reason):
   workdir = str(tmp_path)
   _write_steps(workdir)
+  state_dir = os.path.join(_ckpt(workdir, 3), "state")
   if damage == "flip":
-    _flip_byte(_largest_file(os.path.join(_ckpt(workdir, 3), "state")))
+    _flip_byte(_largest_file(state_dir))
   elif damage == "truncate":
-    _truncate(_largest_file(os.path.join(_ckpt(workdir, 3), "state")))
+    _truncate(_largest_file(state_dir))
+  elif damage == "remove":
+    os.remove(_largest_file(os.path.join(state_dir, "d")))
+  elif damage == "metadata":
+    meta = json.load(open(os.path.join(state_dir, "_METADATA")))
+    json.dump({"tree": meta["tree_metadata"]}, open(os.path.join(state_dir, "_METADATA"), "w"))
   elif damage == "data_json":
     _truncate(os.path.join(_ckpt(workdir, 3), "data", "metadata"))
+  elif damage == "data_item":
+    shutil.rmtree(os.path.join(_ckpt(workdir, 3), "data"))
   else:
     os.remove(os.path.join(_ckpt(workdir, 3), "integrity", "metadata"))
   # Decoding falls back too (it reads no iterator position), and leaves the WORKDIR untouched.
   like = jax.eval_shape(lambda: _state(0)["params"])
   with caplog.at_level(logging.WARNING):
     params, step = checkpoint.restore_params(workdir, like)
-  expect = 3 if damage == "data_json" else 2
+  expect = 3 if damage.startswith("data") else 2
   assert step == expect and _equal_trees(params, _state(expect)["params"])
   assert os.path.isdir(_ckpt(workdir, 3))
   # Training falls back, says why, and moves the bad one aside so that step 3 can be redone.
@@ -181,8 +195,45 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
   _write_steps(other, (1,))
   bigger = _state(0)
   bigger["params"]["b"] = jnp.zeros((65,))
-  with pytest.raises(checkpoint.CheckpointError, match="config.json"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"holds another model or optimizer state "
+                     r"\(params/b: saved \(\(64,\), 'float32'\), this run \(\(65,\).*config.json"):
     checkpoint.restore_newest(checkpoint.manager(other), bigger)
+  # another dtype, which would restore (cast) and fail the checksums: not taken for corruption
+  cast = _state(0)
+  cast["params"]["b"] = jnp.zeros((64,), jnp.int32)
+  with pytest.raises(checkpoint.CheckpointError, match="params/b: saved .*'float32'.*'int32'"):
+    checkpoint.restore_newest(checkpoint.manager(other), cast)
+  assert os.listdir(os.path.join(other, checkpoint.CHECKPOINT_DIR)) == ["1"]
+
+
+@pytest.mark.parametrize("fault", ["io", "oom_xla", "oom_host"])
+def test_a_transient_restore_error_stops_and_moves_nothing(tmp_path, monkeypatch, fault):
+  """An I/O error or running out of memory while reading a checkpoint says nothing about its
+  files: training stops with the reason, every checkpoint stays where it was."""
+  from orbax.checkpoint._src.serialization import serialization
+  workdir = str(tmp_path)
+  _write_steps(workdir)
+  error = {"io": OSError(errno.EIO, "Input/output error"),
+           "oom_xla": jax.errors.JaxRuntimeError(
+               "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 16.00GiB."),
+           "oom_host": MemoryError()}[fault]
+
+  async def fails(*args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(serialization, "_read_shard", fails)  # orbax reading an array
+  listing = sorted(os.listdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)))
+  reason = {"io": "Input/output error", "oom_xla": "RESOURCE_EXHAUSTED",
+            "oom_host": "MemoryError"}[fault]
+  with pytest.raises(checkpoint.CheckpointError, match=re.escape(_ckpt(workdir, 3)) +
+                     f": cannot be restored .*{reason}.*every checkpoint was left in place"):
+    checkpoint.restore_newest(checkpoint.manager(workdir), _state(0))
+  with pytest.raises(checkpoint.CheckpointError, match="cannot be restored"):  # decoding too
+    checkpoint.restore_params(workdir, jax.eval_shape(lambda: _state(0)["params"]))
+  assert sorted(os.listdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))) == listing
+  assert not os.path.exists(os.path.join(workdir, checkpoint.UNUSABLE_DIR))
+  monkeypatch.undo()  # the fault is gone: the newest checkpoint restores
+  assert checkpoint.restore_newest(checkpoint.manager(workdir), _state(0))[2] == 3
 
 
 def test_save_refuses_nan_or_inf(tmp_path):
@@ -213,6 +264,57 @@ def test_interrupted_save_leaves_no_complete_looking_checkpoint(tmp_path):
   mngr.wait_until_finished()
   mngr.close()
   assert not os.path.exists(partial)
+
+
+def test_a_full_disk_on_save_stops_and_keeps_the_checkpoints(tmp_path, toy_corpus, monkeypatch,
+                                                              capsys):
+  """The save of step 4 fails with ENOSPC: the run stops with one line saying so, checkpoint 2
+  is intact, and the same command resumes from it once there is room."""
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  workdir = str(tmp_path / "w")
+  real = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+  async def disk_full(self, x, directory):
+    if f"{os.sep}4.orbax-checkpoint-tmp" in str(directory):
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await real(self, x, directory)
+
+  preset = _tiny(toy_corpus, num_steps=6, checkpoint_every=2, log_every=2, keep_checkpoints=1)
+  with monkeypatch.context() as m:
+    m.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full)
+    rc, err = _run_cli(lambda a: train.main(preset, a), ["--workdir", workdir], capsys)
+  assert rc == 1
+  assert err.strip().splitlines()[-1].startswith(
+      f"error: {os.path.join(workdir, 'checkpoints')}: writing a checkpoint failed (OSError: "
+      "[Errno 28] No space left on device"), err[-3000:]
+  assert err.strip().splitlines()[-1].endswith(
+      "the checkpoints written before are kept (newest: step 2). Free disk space or fix the "
+      "cause, then rerun the same command to resume")
+  assert _committed_steps(workdir) == [2]  # keep_checkpoints=1 deleted nothing for step 4
+  rc, err = _run_cli(lambda a: train.main(preset, a), ["--workdir", workdir], capsys)
+  assert rc == 0 and "resumed from checkpoint at step 2 " in err, err[-3000:]
+  assert _committed_steps(workdir) == [6]
+
+
+def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, toy_corpus):
+  """SIGTERM (a preemption notice) after step 3: the run ends the step, writes a checkpoint and
+  returns; the same call then continues to what an uninterrupted run gives."""
+  run, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+  cfg = _tiny(toy_corpus, num_steps=6, checkpoint_every=0, log_every=3)
+  preempt = lambda t: t.step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+  result = train.train(cfg, run, progress=False, hooks=[(preempt, 1)])
+  assert result["interrupted"] and result["step"] == 3 and _committed_steps(run) == [3]
+  assert train.train(cfg, run, progress=False)["step"] == 6
+  train.train(cfg, ref, progress=False)
+  assert _checkpoint_integrity(run, 6) == _checkpoint_integrity(ref, 6)
+  metrics = lambda w: [{k: v for k, v in json.loads(line).items() if k != "words_per_s"}
+                       for line in open(os.path.join(w, "metrics.jsonl"))]
+  assert metrics(run) == metrics(ref)
+
+
+def _committed_steps(workdir: str) -> list[int]:
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
+                if n.isdigit())
 
 
 # ----------------------------------------------------------------------------- config
@@ -272,28 +374,60 @@ def test_rewind_metrics_drops_records_past_the_restored_step(tmp_path):
 
 # ----------------------------------------------------------------------- non-finite steps
 
-POISON_ID = 2**30  # far outside the vocabulary: `_poison_batches` makes its embedding NaN
+POISON = "poison"  # a target word whose planted output bias makes its loss overflow float32
+POISON_BIAS = -3e38  # log p(poison) is about -3e38: two of them sum to -inf
 
 
-def _poison_batches(monkeypatch, calls: set[int], skip: bool = False) -> None:
-  """Makes the training batches of the given call numbers (1-based) non-finite, or skips them.
+def _poisoned_corpus(folder: str, calls: set[int]) -> tuple[str, int]:
+  """The toy corpus, each training pair once, with every word of two target sentences in each
+  of the training batches drawn at `calls` (1-based, settings of `_tiny`) replaced by POISON.
+  The batches stay the same (they depend only on the sentence lengths). Returns (folder,
+  POISON's target id)."""
+  corpus = write_toy_corpus(folder)
+  paths = [os.path.join(corpus, f"train.{lang}") for lang in ("en", "fr")]
+  pairs = dict.fromkeys(zip(*(open(p).read().splitlines() for p in paths)))  # known by text
+  for k, p in enumerate(paths):
+    open(p, "w").write("".join(pair[k] + "\n" for pair in pairs))
+  cfg = _tiny(corpus)
+  data = pipeline.load_corpus(cfg.data, None)
+  batches = pipeline.BatchIterator(data.examples["train"], cfg.train.batch_size,
+                                   cfg.data.bucket_width, cfg.train.seed, cfg.data.bucket_growth)
+  lines = [pair[1] for pair in pairs]
+  for call in range(1, max(calls) + 1):
+    tgt = next(batches)["tgt"]
+    if call not in calls:
+      continue
+    texts = [" ".join(data.tgt_vocab.decode([t for t in row if t not in (PAD_ID, EOS_ID)]))
+             for row in tgt]
+    for text in texts[:2]:
+      lines[lines.index(text)] = " ".join([POISON] * len(text.split()))
+  open(paths[1], "w").write("".join(line + "\n" for line in lines))
+  return corpus, pipeline.load_corpus(cfg.data, None).tgt_vocab.id_of(POISON)
 
-  A poisoned batch carries POISON_ID, and the model's embedding lookup is swapped for one that
-  gives NaN rows for ids out of range (model.embed clips them: real ids are always in range).
-  """
+
+def _plant_bias(monkeypatch, poison_id: int) -> None:
+  """Starts every model with the output bias of POISON at POISON_BIAS: a finite parameter,
+  but a batch with POISON as a target twice has a loss of -inf (its probability in the other
+  batches is exactly 0: their gradient leaves the bias as it is)."""
+  real = model.init_params
+
+  def init(*args, **kwargs):
+    params = real(*args, **kwargs)
+    bias = params["softmax"]["b"].at[poison_id].set(POISON_BIAS)
+    return dict(params, softmax=dict(params["softmax"], b=bias))
+
+  monkeypatch.setattr(model, "init_params", init)
+
+
+def _skip_batches(monkeypatch, calls: set[int]) -> None:
+  """Makes the training batch iterator pass over the batches of the given calls (1-based)."""
   original = pipeline.BatchIterator.__next__
-  monkeypatch.setattr(model, "embed", lambda table, ids: jnp.take(table, ids, axis=0, mode="fill"))
   count = [0]
 
   def patched(self):
     batch = original(self)
     count[0] += 1
-    if count[0] in calls:
-      if skip:
-        return patched(self)
-      batch = dict(batch, src=batch["src"].copy())
-      batch["src"][0, 0] = POISON_ID
-    return batch
+    return patched(self) if count[0] in calls else batch
 
   monkeypatch.setattr(pipeline.BatchIterator, "__next__", patched)
 
@@ -304,37 +438,40 @@ def _checkpoint_integrity(workdir: str, step: int) -> dict:
   return {k: v for k, v in leaves.items() if not k.startswith("['step']")}
 
 
-def test_poisoned_batch_is_skipped_exactly(tmp_path, toy_corpus, monkeypatch, caplog):
-  """Two non-finite steps change nothing: the result equals a run that never saw them."""
-  cfg = _tiny(toy_corpus, num_steps=12, checkpoint_every=0, log_every=4)
-  with monkeypatch.context() as m:
-    _poison_batches(m, {4, 5})
-    assert np.isnan(np.asarray(model.embed(jnp.ones((16, 2)), jnp.array([POISON_ID])))).all()
-    with caplog.at_level(logging.WARNING):
-      train.train(cfg, str(tmp_path / "poisoned"), progress=False)
+def test_poisoned_batch_is_skipped_exactly(tmp_path, monkeypatch, caplog):
+  """Two batches whose loss overflows float32 change nothing: the result equals a run that
+  never saw them."""
+  corpus, poison_id = _poisoned_corpus(str(tmp_path / "corpus"), {4, 5})
+  _plant_bias(monkeypatch, poison_id)
+  cfg = _tiny(corpus, num_steps=12, checkpoint_every=0, log_every=4)
+  with caplog.at_level(logging.WARNING):
+    train.train(cfg, str(tmp_path / "poisoned"), progress=False)
   assert "step 4: non-finite loss or gradient; update skipped (epoch 0, batch 3)" in caplog.text
   assert "step 5: non-finite loss or gradient; update skipped (epoch 0, batch 4)" in caplog.text
+  assert "non-finite" not in caplog.text.replace("step 4: non", "").replace("step 5: non", "")
   records = [json.loads(line) for line in open(tmp_path / "poisoned" / "metrics.jsonl")]
   train_recs = [r for r in records if r["kind"] == "train"]
   assert [r["skipped_steps"] for r in train_recs] == [1, 1, 0]
   assert all(np.isfinite(r["loss"]) for r in train_recs)
 
   with monkeypatch.context() as m:
-    _poison_batches(m, {4, 5}, skip=True)
-    train.train(_tiny(toy_corpus, num_steps=10, checkpoint_every=0, log_every=4),
+    _skip_batches(m, {4, 5})
+    train.train(_tiny(corpus, num_steps=10, checkpoint_every=0, log_every=4),
                 str(tmp_path / "clean"), progress=False)
-  assert (_checkpoint_integrity(str(tmp_path / "poisoned"), 12)
-          == _checkpoint_integrity(str(tmp_path / "clean"), 10))  # params, optimizer, rng
+  # Params and optimizer state; the schedule's step count follows the steps, skipped ones too.
+  without_count = lambda leaves: {k: v for k, v in leaves.items() if not k.endswith(".count")}
+  assert (without_count(_checkpoint_integrity(str(tmp_path / "poisoned"), 12))
+          == without_count(_checkpoint_integrity(str(tmp_path / "clean"), 10)))
   a = checkpoint.load_model(str(tmp_path / "poisoned"))[1]
   b = checkpoint.load_model(str(tmp_path / "clean"))[1]
-  assert _equal_trees(a, b)
+  assert _equal_trees(a, b) and float(a["softmax"]["b"][poison_id]) == np.float32(POISON_BIAS)
 
 
-def test_too_many_bad_steps_stop_the_cli_with_one_line(tmp_path, toy_corpus, monkeypatch,
-                                                       capsys):
+def test_too_many_bad_steps_stop_the_cli_with_one_line(tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / "w")
-  _poison_batches(monkeypatch, {4, 5, 6})
-  rc, err = _run_cli(lambda a: train.main(_tiny(toy_corpus), a), [
+  corpus, poison_id = _poisoned_corpus(str(tmp_path / "corpus"), {4, 5, 6})
+  _plant_bias(monkeypatch, poison_id)
+  rc, err = _run_cli(lambda a: train.main(_tiny(corpus), a), [
       "--workdir", workdir, "--train.num_steps=12", "--train.checkpoint_every=2",
       "--train.max_bad_steps=3"], capsys)
   assert rc == 1
@@ -455,17 +592,46 @@ def trained(tmp_path_factory, toy_corpus) -> str:
   return workdir
 
 
-def test_resume_with_another_corpus_is_a_clean_error(tmp_path, trained, toy_corpus, capsys):
+@pytest.mark.parametrize("other", ["same size", "smaller"])
+def test_resume_with_another_corpus_is_a_clean_error(tmp_path, trained, toy_corpus, capsys,
+                                                     other):
+  """The checkpoint's data position names its corpus by content: another one, of the same size
+  or not, is refused with one line naming both."""
   workdir = str(tmp_path / "w")
   shutil.copytree(trained, workdir)
-  smaller = write_toy_corpus(str(tmp_path / "small"), sizes=(("train", 300), ("valid", 60),
-                                                            ("test", 60)))
+  folder = str(tmp_path / "other")
+  if other == "smaller":
+    write_toy_corpus(folder, sizes=(("train", 300), ("valid", 60), ("test", 60)))
+  else:
+    write_toy_corpus(folder, seed=1)
   preset = _tiny(toy_corpus, num_steps=4, checkpoint_every=0, log_every=1)
   rc, err = _run_cli(lambda a: train.main(preset, a), ["--workdir", workdir,
-                                                       f"--data.path={smaller}"], capsys)
+                                                       f"--data.path={folder}"], capsys)
   assert rc == 1
   line = _one_error_line(err)
-  assert os.path.join(workdir, "checkpoints", "2") in line and "600" in line and "300" in line
+  assert re.fullmatch(
+      f"error: {os.path.join(workdir, 'checkpoints', '2')}: trained on the corpus {toy_corpus} "
+      rf"\(content key \w{{20}}\), but this run reads {folder} \(content key \w{{20}}\); resume "
+      "with the original corpus, or use a new --workdir", line), line
+
+
+def test_resume_finds_the_same_corpus_anywhere_and_old_checkpoints_resume(
+    tmp_path, trained, toy_corpus, capsys):
+  workdir, moved = str(tmp_path / "w"), str(tmp_path / "moved")
+  shutil.copytree(trained, workdir)
+  shutil.copytree(toy_corpus, moved)
+  preset = _tiny(toy_corpus, checkpoint_every=0, log_every=1)
+  rc, err = _run_cli(lambda a: train.main(preset, a), ["--workdir", workdir,
+                     f"--data.path={moved}", "--train.num_steps=3"], capsys)
+  assert rc == 0 and "resumed from checkpoint at step 2 " in err, err[-2000:]
+  # A checkpoint written before the corpus was named in it: checked by its size only.
+  path = os.path.join(_ckpt(workdir, 3), "data", "metadata")
+  data = json.load(open(path))
+  assert data.pop("corpus") and data.pop("corpus_name") == moved
+  json.dump(data, open(path, "w"))
+  rc, err = _run_cli(lambda a: train.main(preset, a), ["--workdir", workdir,
+                                                       "--train.num_steps=4"], capsys)
+  assert rc == 0 and "resumed from checkpoint at step 3 " in err, err[-2000:]
 
 
 def test_translate_without_checkpoint_is_a_clean_error(tmp_path, trained, capsys):

@@ -1,20 +1,19 @@
 """Crash-safe resume: a run SIGKILLed three times, restarted with the same command each time,
 ends bit-identical to an uninterrupted run (parameters, optimizer state, metrics.jsonl).
 
-The kills land (1) while a checkpoint is being written (the run is frozen with SIGSTOP the
-moment a temporary checkpoint folder appears, and killed if the folder is still there), (2) at
-a seeded random moment within a checkpoint interval (measured on that run), (3) right after a
-checkpoint commits (when orbax may be deleting an old one). Runs are subprocesses of the real
-CLI entry point; a JAX persistent compilation cache shared by the runs keeps restarts short.
+The kills land (1) in the middle of writing a checkpoint (every file written, the folder not
+yet renamed into place), (2) at a step between two checkpoints, (3) right after a checkpoint
+commits (when orbax may be deleting an old one). The run kills itself when it reaches each
+point (`KILL_AT` below): nothing depends on the machine's speed. Runs are subprocesses of the
+real CLI entry point; a JAX persistent compilation cache shared by the runs keeps restarts
+short.
 """
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -23,40 +22,56 @@ from conftest import write_toy_corpus
 from s2s_jax import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY = ("import sys; from experiments import quickstart; from s2s_jax import train; "
-         "sys.exit(train.main(quickstart.config(), sys.argv[1:]))")
+# The quickstart's command line, which SIGKILLs itself where KILL_AT=<point>:<step> says:
+#   save    when orbax renames the finished folder of checkpoint <step> into place
+#   step    after train step <step> was started, no checkpoint being written (a hook)
+#   commit  once checkpoint <step>, started at that step, is committed (the same hook)
+ENTRY = """
+import os, signal, sys
+from experiments import quickstart
+from s2s_jax import train
+point, at = os.environ.get("KILL_AT", "none:0").split(":")
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if point == "save":
+  rename = os.rename
+  def rename_or_die(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == at and ".orbax-checkpoint-tmp" in os.path.basename(src):
+      die()
+    return rename(src, dst, *args, **kwargs)
+  os.rename = rename_or_die
+def hook(t):
+  if t.step == int(at):
+    t.checkpoints.wait_until_finished()
+    die()
+if point in ("step", "commit"):
+  run = train.train
+  train.train = lambda cfg, workdir, progress=True, hooks=(): run(
+      cfg, workdir, progress, [*hooks, (hook, 1)])
+sys.exit(train.main(quickstart.config(), sys.argv[1:]))
+"""
 FLAGS = ["--data.source=text", "--data.tokenizer=none", "--model.hidden_size=16",
          "--model.embed_size=8", "--data.bucket_width=8", "--model.num_layers=1", "--train.batch_size=8",
          "--train.num_steps=60", "--train.checkpoint_every=10", "--train.log_every=10",
          "--train.eval_every=0", "--train.keep_checkpoints=3"]
 
 
-def _env(cache: str) -> dict:
+def _env(cache: str, kill_at: str | None) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env.pop("KILL_AT", None)
+  if kill_at:
+    env["KILL_AT"] = kill_at
   return env
 
 
-def _start(workdir: str, corpus: str, cache: str, log: str) -> subprocess.Popen:
+def _run(workdir: str, corpus: str, cache: str, log: str, kill_at: str | None = None) -> int:
+  """Runs the CLI to its end (or its kill); returns its exit status (-9 when killed)."""
   cmd = [sys.executable, "-c", ENTRY, "--workdir", workdir, f"--data.path={corpus}", *FLAGS]
-  return subprocess.Popen(cmd, cwd=REPO, env=_env(cache), stdout=subprocess.DEVNULL,
-                          stderr=open(log, "w"))
-
-
-def _wait_for(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
-  """Polls (every ~1 ms) until ready() or the process ends; fails on timeout."""
-  end = time.monotonic() + timeout
-  while not ready():
-    assert proc.poll() is None, f"run ended (rc {proc.returncode}) before the kill point"
-    assert time.monotonic() < end, "timed out waiting for the kill point"
-    time.sleep(0.001)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait(30) == -signal.SIGKILL
+  with open(log, "w") as err:
+    return subprocess.run(cmd, cwd=REPO, env=_env(cache, kill_at), stdout=subprocess.DEVNULL,
+                          stderr=err, timeout=300).returncode
 
 
 def _ckpt_dir(workdir: str) -> str:
@@ -70,30 +85,8 @@ def _listing(workdir: str) -> list[str]:
     return []
 
 
-def _writing(workdir: str) -> bool:
-  """A temporary (uncommitted) checkpoint folder exists."""
-  return any(".orbax-checkpoint-tmp" in n for n in _listing(workdir))
-
-
 def _committed(workdir: str) -> set[int]:
   return {int(n) for n in _listing(workdir) if n.isdigit()}
-
-
-def _kill_during_write(proc: subprocess.Popen, workdir: str) -> None:
-  """Freezes the run when a save is seen in progress; kills it if the save is still unfinished."""
-  while True:
-    _wait_for(proc, lambda: _writing(workdir))
-    proc.send_signal(signal.SIGSTOP)
-    if _writing(workdir):
-      _kill(proc)
-      return
-    proc.send_signal(signal.SIGCONT)  # the save finished just before the freeze: next one
-
-
-def _wait_for_new_commit(proc: subprocess.Popen, workdir: str, seen: set[int]) -> float:
-  _wait_for(proc, lambda: _committed(workdir) - seen)
-  seen |= _committed(workdir)
-  return time.monotonic()
 
 
 def _final_state(workdir: str) -> tuple[dict, dict]:
@@ -117,38 +110,25 @@ def test_sigkill_three_times_then_bit_identical(tmp_path):
   corpus = write_toy_corpus(str(tmp_path / "corpus"))
   cache = str(tmp_path / "jax_cache")
   ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+  assert _run(ref, corpus, cache, str(tmp_path / "ref.log")) == 0, \
+      open(tmp_path / "ref.log").read()[-3000:]
 
-  ref_proc = _start(ref, corpus, cache, str(tmp_path / "ref.log"))
-  assert ref_proc.wait(300) == 0, open(tmp_path / "ref.log").read()[-3000:]
-
-  rng = random.Random(1234)
   logs = [str(tmp_path / f"run{i}.log") for i in range(1, 5)]
-
-  # 1. Killed while a checkpoint is being written.
-  proc = _start(run, corpus, cache, logs[0])
-  _kill_during_write(proc, run)
-  assert any(".orbax-checkpoint-tmp" in n for n in _listing(run))  # a half-written save is left
-  killed_at = [max(_committed(run), default=0)]
-
-  # 2. Resumed, then killed at a random moment within the interval between two checkpoints.
-  proc = _start(run, corpus, cache, logs[1])
-  seen = _committed(run)
-  t1 = _wait_for_new_commit(proc, run, seen)
-  t2 = _wait_for_new_commit(proc, run, seen)
-  time.sleep(rng.uniform(0.0, t2 - t1))
-  _kill(proc)
-  killed_at.append(max(_committed(run)))
-
-  # 3. Resumed, then killed right after its first new checkpoint commits.
-  proc = _start(run, corpus, cache, logs[2])
-  _wait_for_new_commit(proc, run, _committed(run))
-  _kill(proc)
-  killed_at.append(max(_committed(run)))
-  assert killed_at[-1] < 60, killed_at  # the last run still has steps to do
-
-  # 4. Resumed to the end.
-  proc = _start(run, corpus, cache, logs[3])
-  assert proc.wait(300) == 0, open(logs[3]).read()[-3000:]
+  killed_at = []
+  # 1. Killed while checkpoint 20 is being written: its files are there, not yet renamed.
+  assert _run(run, corpus, cache, logs[0], "save:20") == -signal.SIGKILL
+  assert "20.orbax-checkpoint-tmp" in _listing(run) and _committed(run) == {10}
+  killed_at.append(10)
+  # 2. Resumed from 10, killed after step 27, between two checkpoints.
+  assert _run(run, corpus, cache, logs[1], "step:27") == -signal.SIGKILL
+  assert _committed(run) == {10, 20}
+  killed_at.append(20)
+  # 3. Resumed from 20, killed right after checkpoint 30 commits.
+  assert _run(run, corpus, cache, logs[2], "commit:30") == -signal.SIGKILL
+  assert _committed(run) == {10, 20, 30}
+  killed_at.append(30)
+  # 4. Resumed from 30 to the end.
+  assert _run(run, corpus, cache, logs[3]) == 0, open(logs[3]).read()[-3000:]
 
   # Every restart resumed from the newest complete checkpoint the kill left, which was sound.
   for newest, log in zip(killed_at, logs[1:]):

@@ -121,6 +121,6 @@ def test_auto_dtype_is_fixed_when_a_run_starts_and_kept_on_resume(toy_corpus, tm
       f"--data.path={toy_corpus}", "--model.compute_dtype=float16"]
   assert train.main(c.Config(), argv) == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
-  assert err == ("error: model.compute_dtype must be one of float32, bfloat16, auto, "
-                 "got 'float16'")
+  assert err == ("error: bad value 'float16' for model.compute_dtype: allowed: one of float32, "
+                 "bfloat16, auto")
   assert not os.path.exists(tmp_path / "bad" / "config.json")

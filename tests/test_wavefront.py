@@ -202,7 +202,7 @@ def test_layouts_that_do_not_fit_are_clear_errors():
   make(4, model=2, data=1)  # 6 of 8 devices, named: fine
   with pytest.raises(ConfigError, match=r"parallel.data=2 replicas x .* = 6 devices, but only 8"):
     make(4, model=2, data=2)
-  with pytest.raises(ConfigError, match=r"parallel.model must be >= 1"):
+  with pytest.raises(ConfigError, match=r"bad value 0 for parallel.model: allowed: an integer >= 1"):
     make(4, model=0)
   with pytest.raises(ConfigError, match=r"model.num_layers must be >= 1"):
     make(0, model=4)

@@ -31,6 +31,7 @@ import bisect
 import collections.abc
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -118,9 +119,14 @@ class Examples(_Rows):
     return src.tolist(), tgt.tolist() + [EOS_ID]
 
   def arrays(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-    """(encoder input ids, target ids without </s>) of corpus row `row`."""
-    src = self.lookups[0][self.split.sentence(0, row)]
-    return (src[::-1] if self.reverse_source else src), self.lookups[1][self.split.sentence(1, row)]
+    """(encoder input ids, target ids without </s>) of corpus row `row`; a DataError naming
+    the file when the store holds an id beyond its token table."""
+    try:
+      src = self.lookups[0][self.split.sentence(0, row)]
+      tgt = self.lookups[1][self.split.sentence(1, row)]
+    except IndexError:
+      raise self.split.out_of_table(row, [len(t) for t in self.lookups]) from None
+    return (src[::-1] if self.reverse_source else src), tgt
 
   @property
   def lengths(self) -> np.ndarray:
@@ -166,7 +172,9 @@ class Corpus:
 
   `stats[split]` holds the counts of `load_corpus`: pairs (read), kept, empty (dropped with
   an empty side), too_long (dropped, train only), src_tokens / tgt_tokens (kept, no </s>),
-  src_oov / tgt_oov (share of those tokens that became <unk>).
+  src_oov / tgt_oov (share of those tokens that became <unk>). `content_key` changes whenever
+  the text could (`sources.open_streams`' identity), wherever the corpus lies; `name` says
+  where it was read from.
   """
   src_vocab: Vocab
   tgt_vocab: Vocab
@@ -174,6 +182,18 @@ class Corpus:
   tokens: dict[str, TokenPairs]  # split -> kept token pairs (read on demand)
   stats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
   prepared: prepared_lib.Prepared | None = None
+  content_key: str = ""
+  name: str = ""
+
+
+def corpus_name(cfg: DataConfig) -> str:
+  """Where a corpus is read from, for messages."""
+  if cfg.source == "text":
+    return os.path.abspath(cfg.path)
+  if cfg.source == "tfds":
+    return f"tfds {cfg.tfds_name}"
+  return (f"synthetic ({cfg.synthetic_train}/{cfg.synthetic_valid}/{cfg.synthetic_test} pairs, "
+          f"seed {cfg.synthetic_seed})")
 
 
 def kept_rows(split: prepared_lib.SplitIds,
@@ -290,7 +310,9 @@ def load_corpus(cfg: DataConfig, workdir: str | None, progress: bool = False) ->
     logging.info("data %s: %d source / %d target tokens, OOV rate source %.4f, target %.4f",
                  split, st["src_tokens"], st["tgt_tokens"], st["src_oov"], st["tgt_oov"])
   logging.info("data: corpus ready in %.1f s", time.perf_counter() - t0)
-  return Corpus(vocabs[0], vocabs[1], examples, tokens, stats, prep)
+  content_key = hashlib.sha256(identity.encode()).hexdigest()[:20]
+  return Corpus(vocabs[0], vocabs[1], examples, tokens, stats, prep, content_key,
+                corpus_name(cfg))
 
 
 # ----------------------------------------------------------------------------- batching
@@ -436,6 +458,7 @@ class BatchIterator:
     self.bucket_growth, self.rows = bucket_growth, rows  # rows: the batch rows this host fills
     self._lengths = example_lengths(self.examples)
     self.epoch, self.index = 0, 0
+    self.last_words = 0  # source + target words of the last batch, all its rows (`count_words`)
     self._planner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epoch-plan")
     self._plan_of: tuple[int, concurrent.futures.Future] | None = None
     self._start_plan()
@@ -491,6 +514,7 @@ class BatchIterator:
       self.epoch, self.index = self.epoch + 1, 0
     length, idx = self._start_plan().result()[self.index]
     self.index += 1
+    self.last_words = _num_tokens(self.examples, idx) - len(idx)  # no </s>
     return batch_of(self.examples, idx, self.batch_size, length, self.rows)
 
 

@@ -14,7 +14,10 @@ and the format version. Any number of WORKDIRs and hosts share it:
 
 Store ids are not vocabulary ids: a run maps them through a lookup table built from its own
 vocabulary settings (`Prepared.lookup`), so one prepared corpus serves every vocabulary size
-and length limit. Preparation reads the text in chunks (never a whole split), tokenizes them
+and length limit. A damaged store is a `DataError` naming the file: sizes and offsets are
+checked when it is opened, the ids of the validation and test splits when they are counted,
+and a training sentence's ids when a batch takes it (an id beyond the token table is never
+clipped). Preparation reads the text in chunks (never a whole split), tokenizes them
 in a process pool and writes into a temporary folder that is renamed into place at the end:
 an interrupted preparation leaves nothing that a later run mistakes for a complete corpus.
 """
@@ -31,12 +34,12 @@ import os
 import shutil
 import socket
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from s2s_jax.config import DataConfig
-from s2s_jax.data import sources, tokenize
+from s2s_jax.data import moses, sources, tokenize
 from s2s_jax.data.sources import DataError
 from s2s_jax.data.vocab import SPECIALS, Vocab
 
@@ -56,17 +59,37 @@ def store_dir(cfg: DataConfig) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
+def damaged(path: str, problem: str) -> DataError:
+  """The error for a damaged file of a prepared corpus."""
+  folder = os.path.dirname(path)
+  return DataError(f"{path}: {problem}: the prepared corpus is damaged; delete {folder} and "
+                   "rerun to prepare it again")
+
+
 @dataclasses.dataclass
 class SplitIds:
   """One split's store ids: sentence i of side s is ids[s][offsets[s][i]:offsets[s][i + 1]]."""
   ids: tuple[np.ndarray, np.ndarray]  # (src, tgt) uint32, memory-mapped
   offsets: tuple[np.ndarray, np.ndarray]  # (src, tgt) int64, n + 1 entries
+  paths: tuple[str, str] = ("", "")  # (src, tgt) ids files, for messages
 
   def __len__(self) -> int:
     return len(self.offsets[0]) - 1
 
   def lengths(self, side: int) -> np.ndarray:
-    return np.diff(self.offsets[side]).astype(np.int32)
+    lengths = np.diff(self.offsets[side])
+    if len(lengths) and lengths.min() < 0:
+      i = int(np.argmin(lengths))
+      raise damaged(self.paths[side].removesuffix(".ids") + ".offsets.npy",
+                    f"sentence {i + 1} ends before it starts")
+    return lengths.astype(np.int32)
+
+  def out_of_table(self, row: int, table_sizes: Sequence[int]) -> DataError:
+    """The error for sentence `row` holding a store id beyond its side's token table."""
+    side = next(k for k in (0, 1) if self.sentence(k, row).max(initial=0) >= table_sizes[k])
+    return damaged(self.paths[side], f"sentence {row + 1} holds token id "
+                   f"{int(self.sentence(side, row).max())}, beyond the {table_sizes[side]} "
+                   "entries of the token table")
 
   def sentence(self, side: int, i: int) -> np.ndarray:
     off = self.offsets[side]
@@ -99,6 +122,9 @@ class Prepared:
       counts = self.train_counts[side].copy()  # counted once, when the corpus was prepared
     else:
       counts = np.bincount(ids.ids[side], minlength=size).astype(np.int64)
+      if len(counts) > size:
+        raise damaged(ids.paths[side], f"token id {len(counts) - 1} is beyond the {size} "
+                      "entries of the token table")
     if len(drop):
       counts -= ids.dropped_counts(side, size, drop)
     return counts
@@ -136,37 +162,86 @@ def _load_table(path: str) -> list[str]:
 
 
 def _map_ids(path: str, n: int) -> np.ndarray:
+  size = os.path.getsize(path)
+  if size != 4 * n:
+    raise damaged(path, f"{size} bytes, not the {4 * n} of {n} token ids")
   if n == 0:
     return np.zeros(0, np.uint32)
   return np.memmap(path, np.uint32, "r", shape=(n,))
 
 
 def open_prepared(folder: str) -> Prepared:
-  """Opens a complete prepared corpus (one whose meta.json exists)."""
-  with open(os.path.join(folder, "meta.json")) as f:
-    meta = json.load(f)
-  tables = tuple(_load_table(os.path.join(folder, f"tokens.{s}.txt")) for s in SIDES)
-  ranks = tuple(np.load(os.path.join(folder, f"rank.{s}.npy")) for s in SIDES)
-  counts = tuple(np.load(os.path.join(folder, f"counts.{s}.npy")) for s in SIDES)
-  splits = {}
-  for split, sizes in meta["splits"].items():
-    offsets = tuple(np.load(os.path.join(folder, f"{split}.{s}.offsets.npy"), mmap_mode="r")
-                    for s in SIDES)
-    ids = tuple(_map_ids(os.path.join(folder, f"{split}.{s}.ids"), sizes[f"{s}_tokens"])
-                for s in SIDES)
-    splits[split] = SplitIds(ids, offsets)
-  specials = tuple(meta["specials"][s] for s in SIDES)
+  """Opens a complete prepared corpus (one whose meta.json exists); a DataError naming the
+  file when one is missing, unreadable or does not fit the others."""
+  meta_path = os.path.join(folder, "meta.json")
+  meta = _read(meta_path, _load_json)
+  try:
+    tables = tuple(_read(p, _load_table) for p in _paths(folder, "tokens.{}.txt"))
+    for path, table, side in zip(_paths(folder, "tokens.{}.txt"), tables, SIDES):
+      if len(table) != meta[f"{side}_table"]:
+        raise damaged(path, f"{len(table)} tokens, meta.json says {meta[f'{side}_table']}")
+    ranks = tuple(_load_array(p, len(t)) for p, t in zip(_paths(folder, "rank.{}.npy"), tables))
+    counts = tuple(_load_array(p, len(t)) for p, t in zip(_paths(folder, "counts.{}.npy"), tables))
+    splits = {}
+    for split, sizes in meta["splits"].items():
+      paths = _paths(folder, f"{split}.{{}}.ids")
+      offsets = tuple(_load_offsets(p.removesuffix(".ids") + ".offsets.npy", sizes["pairs"],
+                                    sizes[f"{s}_tokens"]) for p, s in zip(paths, SIDES))
+      ids = tuple(_read(p, lambda p, n=sizes[f"{s}_tokens"]: _map_ids(p, n))
+                  for p, s in zip(paths, SIDES))
+      splits[split] = SplitIds(ids, offsets, paths)
+    specials = tuple(meta["specials"][s] for s in SIDES)
+  except (KeyError, TypeError, AttributeError) as e:
+    raise damaged(meta_path, f"malformed ({type(e).__name__}: {e})") from None
   return Prepared(folder, tables, ranks, counts, splits, specials)
+
+
+def _read(path: str, read: Callable[[str], Any]) -> Any:
+  """read(path); a `damaged` error naming the file when it cannot be read."""
+  try:
+    return read(path)
+  except DataError:
+    raise
+  except (OSError, ValueError, EOFError) as e:
+    raise damaged(path, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
+def _load_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _paths(folder: str, pattern: str) -> tuple[str, str]:
+  return tuple(os.path.join(folder, pattern.format(s)) for s in SIDES)
+
+
+def _load_array(path: str, size: int) -> np.ndarray:
+  """A .npy array of `size` entries (one per token of the table)."""
+  array = _read(path, np.load)
+  if array.shape != (size,):
+    raise damaged(path, f"{array.shape[0] if array.ndim else 0} entries for {size} tokens")
+  return array
+
+
+def _load_offsets(path: str, pairs: int, tokens: int) -> np.ndarray:
+  """A split's sentence offsets, memory-mapped: pairs + 1 of them, from 0 to `tokens`."""
+  offsets = _read(path, lambda p: np.load(p, mmap_mode="r"))
+  if offsets.shape != (pairs + 1,) or offsets[0] != 0 or offsets[-1] != tokens:
+    raise damaged(path, f"offsets do not fit {pairs} sentences of {tokens} tokens")
+  return offsets
 
 
 # ----------------------------------------------------------------------------- the key
 
 
 def tokenizer_identity(cfg: DataConfig, model_dir: str | None) -> str:
-  parts = [cfg.tokenizer, cfg.src_lang, cfg.tgt_lang]
+  """What decides the tokens: the tokenizer, the languages, the code of tokenize.py (and of
+  moses.py and sacremoses' version for moses; the models' bytes for sentencepiece). Any edit
+  of that code prepares the corpora again."""
+  parts = [cfg.tokenizer, cfg.src_lang, cfg.tgt_lang, sources.code_hash(tokenize)]
   if cfg.tokenizer == "moses":
     import sacremoses
-    parts.append(getattr(sacremoses, "__version__", "?"))
+    parts += [getattr(sacremoses, "__version__", "?"), sources.code_hash(moses)]
   if cfg.tokenizer == "sentencepiece":
     for lang in (cfg.src_lang, cfg.tgt_lang):
       with open(tokenize.spm_model_path(model_dir, lang), "rb") as f:

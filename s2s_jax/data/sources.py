@@ -74,6 +74,12 @@ def _list_stream(pairs: Sequence[tuple[str, str]]) -> Stream:
   return Stream(len(pairs), lambda n: (list(pairs[i:i + n]) for i in range(0, len(pairs), n)))
 
 
+def code_hash(module: Any) -> str:
+  """sha256 of a module's source file: part of the identity of what its code produces."""
+  with open(module.__file__, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def open_streams(cfg: DataConfig, store: str | None = None) -> tuple[dict[str, Stream], str]:
   """({split: Stream}, identity): the splits as streams, and a string that changes whenever
   the text could (file contents for text, builder version and sizes for tfds, generator
@@ -81,10 +87,8 @@ def open_streams(cfg: DataConfig, store: str | None = None) -> tuple[dict[str, S
   with a data `store`, the result is kept there for as long as the file's size, modification
   and change times and inode stay the same."""
   if cfg.source == "synthetic":
-    with open(synthetic.__file__, "rb") as f:
-      code = hashlib.sha256(f.read()).hexdigest()
     ident = (f"synthetic {cfg.synthetic_train} {cfg.synthetic_valid} {cfg.synthetic_test} "
-             f"{cfg.synthetic_seed} {code}")
+             f"{cfg.synthetic_seed} {code_hash(synthetic)}")
     splits = synthetic.make_splits(cfg.synthetic_train, cfg.synthetic_valid, cfg.synthetic_test,
                                    seed=cfg.synthetic_seed)
     return {s: _list_stream(splits[s]) for s in SPLITS}, ident

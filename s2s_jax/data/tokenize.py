@@ -16,10 +16,10 @@ import io
 import os
 from typing import Callable, Iterable, Sequence
 
+from s2s_jax.config import TOKENIZERS as KINDS
 from s2s_jax.data import moses
 from s2s_jax.data.sources import DataError
 
-KINDS = ("moses", "none", "sentencepiece")
 SPM_INPUT_SENTENCES = 2_000_000  # sentences sampled (seeded) to train a SentencePiece model
 
 

@@ -39,9 +39,6 @@ def make(cfg: ParallelConfig, *, num_layers: int, batch_sizes: Mapping[str, int]
   """The strategy cfg.strategy names, on `devices` (default: all), for a model of
   `num_layers` LSTM layers; checks that every global batch in `batch_sizes`
   ({"train.batch_size": 128, ...}) divides by the data-parallel size."""
-  if cfg.strategy not in STRATEGIES:
-    raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, "
-                      f"got {cfg.strategy!r}")
   devices = list(jax.devices() if devices is None else devices)
   strategy = STRATEGIES[cfg.strategy].create(cfg, devices, num_layers)
   strategy.check_batch_sizes(batch_sizes or {}, len(devices))
