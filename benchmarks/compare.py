@@ -288,7 +288,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   batch = jax.device_put(batch_np)
   tokens = float(np.sum(batch_np["src"] != 0) + np.sum(batch_np["tgt"] != 0))
   holder = {"state": train.init_state(cfg, tx, shape.src_vocab, shape.tgt_vocab)}
-  params_host = jax.device_get(holder["state"]["params"])
+  params_host = jax.device_get(holder["state"].params)
   info: dict[str, Any] = {"params": model.num_params(params_host),
                           "words": train.count_words(batch_np)}
   dec_b = args.decode_batch
@@ -320,7 +320,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
     with torch.no_grad():
       loss_t = float(train_net.loss(src_t, tgt_t))
     loss_j = float(jax.jit(lambda p, b: model.loss_fn(p, b, cfg.model)[0])(
-        holder["state"]["params"], batch))
+        holder["state"].params, batch))
     info["check_loss"] = {"ours": loss_j, "torch": loss_t}
     log(f"check: initial float32 loss ours {loss_j:.6f} torch {loss_t:.6f} "
         f"(rel. diff {abs(loss_j - loss_t) / abs(loss_t):.1e})")
@@ -520,7 +520,7 @@ def describe_spread(xs: list[float]) -> str:
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 # --malloc: system = glibc's defaults; hugepages = transparent huge pages for malloc (a 2 MB page
-# replaces 512 faults); reuse = huge pages and train.reuse_host_memory(), what the command lines
+# replaces 512 faults); reuse = huge pages and hardware.reuse_host_memory(), what the command lines
 # do. Both are process-wide, so both frameworks run under the same setting.
 MALLOC_MODES = ("system", "hugepages", "reuse")
 
@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                       "match) or in full float32 in both frameworks")
   p.add_argument("--cache-dir", default=None,
                  help="JAX compilation cache folder ('off' = none; default: the command lines' "
-                      "cache, train.enable_compilation_cache())")
+                      "cache, cli.enable_compilation_cache())")
   p.add_argument("--json", default="", help="also write the results to this file")
   p.add_argument("--malloc", choices=MALLOC_MODES, default="reuse",
                  help="glibc malloc settings for both frameworks (see MALLOC_MODES; huge pages "
@@ -588,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   _set_hugepages(args.malloc != "system", sys.argv[1:] if argv is None else list(argv))
   if args.malloc == "reuse":
-    from s2s_jax import train
-    train.reuse_host_memory()  # before JAX or torch start their threads
+    from s2s_jax import hardware
+    hardware.reuse_host_memory()  # before JAX or torch start their threads
   args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   args.beams = [int(k) for k in args.beams.split(",") if k.strip()]
   threads = args.torch_threads or ("auto" if args.config == "paper" else "")
@@ -607,9 +607,9 @@ def main(argv: list[str] | None = None) -> int:
   # With JAX on a GPU, both frameworks share it: JAX takes 45% of its memory, not 75%.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
   import jax
-  from s2s_jax import train
+  from s2s_jax import cli
   if args.cache_dir is None:
-    train.enable_compilation_cache()
+    cli.enable_compilation_cache()
   elif args.cache_dir not in ("", "off"):
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
   t_start = time.perf_counter()

@@ -174,3 +174,31 @@ def test_sigkill_three_times_then_bit_identical(tmp_path):
   # The metrics log reads as if never interrupted: records past a restored step were dropped.
   assert _metrics(run) == _metrics(ref)
   assert [r["step"] for r in _metrics(ref) if r["kind"] == "train"] == [10, 20, 30, 40, 50, 60]
+
+
+def test_sigkill_with_plain_kernels_then_bit_identical(tmp_path):
+  """model.kernels=plain, the path GPUs and TPUs run: killed right after a checkpoint commits,
+  restarted, and bit-identical at the end to the same run trained without interruption."""
+  from experiments import quickstart
+  from s2s_jax import train
+  corpus = write_toy_corpus(str(tmp_path / "corpus"))
+  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's: what the reference compiled
+  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+  argv = lambda workdir: ["--workdir", workdir, f"--data.path={corpus}", *FLAGS,
+                          "--model.kernels=plain", "--parallel.data=1"]
+  assert train.main(quickstart.config(), argv(ref)) == 0  # the reference, in this process
+  logs = [str(tmp_path / f"run{i}.log") for i in (1, 2)]
+  start = lambda log: subprocess.Popen([sys.executable, "-c", ENTRY, *argv(run)], cwd=REPO,
+                                       env=_env(cache), stdout=subprocess.DEVNULL,
+                                       stderr=open(log, "w"))
+  proc = start(logs[0])
+  _wait_for_new_commit(proc, run, set())
+  _kill(proc)
+  proc = start(logs[1])
+  assert proc.wait(300) == 0, open(logs[1]).read()[-3000:]
+  assert "resumed from checkpoint at step" in open(logs[1]).read()
+  (ref_params, ref_integrity), (run_params, run_integrity) = _final_state(ref), _final_state(run)
+  for a, b in zip(jax.tree_util.tree_leaves(ref_params), jax.tree_util.tree_leaves(run_params),
+                  strict=True):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  assert run_integrity == ref_integrity
