@@ -1,6 +1,6 @@
 """Does the host hold the device back? The training loop against its own step, in one run.
 
-  python -m benchmarks.host [--batch 128,512] [--steps 300] [--rounds 3]
+  python -m benchmarks.host [--batch 128,512] [--steps 100] [--rounds 15]
 
 For each batch size, on a model so small that its compute is negligible (1 layer of 8 cells,
 a vocabulary of 36, sentences of 10-30 words), it times
@@ -140,9 +140,10 @@ def measure(batch_size: int, steps: int, rounds: int, folder: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m benchmarks.host", description=__doc__.split("\n")[0])
   p.add_argument("--batch", default="128,512", help="comma-separated batch sizes")
-  p.add_argument("--steps", type=int, default=300,
+  p.add_argument("--steps", type=int, default=100,
                  help="steps per round and variant (a multiple of 50)")
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=15,
+                 help="rounds of each variant, alternating (short rounds: the machine is shared)")
   p.add_argument("--pairs", type=int, default=50_000, help="training pairs of the corpus")
   args = p.parse_args(argv)
   folder = tempfile.mkdtemp(prefix="s2s_host_bench_")
