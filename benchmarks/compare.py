@@ -317,15 +317,15 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
     src_t = torch.from_numpy(batch_np["src"]).long().to(dev)
     tgt_t = torch.from_numpy(batch_np["tgt"]).long().to(dev)
 
-    def new_net():
+    def new_net(params_np):
       sizes = (shape.layers, shape.hidden, shape.hidden, shape.src_vocab, shape.tgt_vocab)
       net = (torch_ref.Seq2Seq(*sizes) if args.attention == "none" else torch_ref.AttentionSeq2Seq(
           *sizes, args.attention, args.input_feeding, cfg.model.attention_positions))
-      net.load_params(params_host)
+      net.load_params(params_np)
       return net.to(dev)  # on CUDA, nn.LSTM flattens its weights for cuDNN here
 
     # The same function in both frameworks: compare the initial losses in float32.
-    train_net = new_net()
+    train_net = new_net(params_host)
     with torch.no_grad():
       loss_t = float(train_net.loss(src_t, tgt_t))
     loss_j = float(jax.jit(lambda p, b: model.loss_fn(p, b, cfg.model)[0])(
@@ -335,7 +335,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
         f"(rel. diff {abs(loss_j - loss_t) / abs(loss_t):.1e})")
     torch_bytes = sum(p.numel() * p.element_size() for p in train_net.parameters())
     if "decode" in args.tasks:
-      decode_net = new_net()
+      decode_net = new_net(params_host)
       src_dec_t = src_t[:dec_b]
   if "decode" in args.tasks:
     params = jax.device_put(params_host)  # decoding never changes it

@@ -1,7 +1,7 @@
 """Corpus preparation at scale: pairs/s, time to first batch, memory, for N pairs.
 
   python -m benchmarks.data --pairs 200000,1000000,4000000 [--from DIR] [--tokenizer moses]
-                            [--first-step]
+                            [--first-step] [--evaluate]
 
 Builds a text corpus of N training pairs (the lines of DIR's train.{en,fr} repeated, or the
 embedded grammar's pairs when no DIR is given) in a temporary folder, then in fresh processes:
@@ -11,6 +11,12 @@ embedded grammar's pairs when no DIR is given) in a temporary folder, then in fr
   step    (--first-step) experiments.wmt14's paper preset on that prepared corpus, in a new
           process and WORKDIR: seconds from the start of train() to the end of its first
           step (corpus, vocabularies, model initialization, compilation, one step).
+  evaluate  (--evaluate) `python -m s2s_jax.evaluate --split test --beam_size 1` in a new
+          process, on a tiny model (vocabularies of 2000, perplexity batches of 32, so that
+          its arrays stay small) trained once beforehand on the same text (its WORKDIR copied
+          and pointed at the corpus of N pairs): seconds and peak resident memory, which
+          should not depend on the size of the training split (the fastest of 3 runs, the
+          largest peak).
 Reports seconds, pairs/s, peak resident memory of the main process, and the corpus memory
 per token (resident growth after load_corpus, and after every token id has been read once),
 then the growth between sizes and the extrapolation to 12M and 40M pairs.
@@ -103,6 +109,39 @@ def first_step(args) -> None:
                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def evaluate_child(args) -> None:
+  """`python -m s2s_jax.evaluate --split test` in this process; prints a JSON line."""
+  from s2s_jax import evaluate
+  t0 = time.perf_counter()
+  rc = evaluate.main(["--workdir", args.workdir, "--split", "test", "--beam_size", "1"])
+  print(json.dumps({"status": rc, "seconds": time.perf_counter() - t0,
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def tiny_model(args) -> None:
+  """Trains, in this process, a tiny model for one step on the corpus `args.folder` into the
+  WORKDIR `args.workdir` (the model that --evaluate decodes with)."""
+  from s2s_jax import config as config_lib
+  from s2s_jax import train
+  cfg = config_lib.override(config_lib.Config(), {
+      "data.source": "text", "data.path": args.folder, "data.tokenizer": args.tokenizer,
+      "data.prepared_dir": args.store, "model.num_layers": 1, "model.hidden_size": 16,
+      "model.embed_size": 16, "train.num_steps": 1, "train.eval_every": 0,
+      "data.max_eval_sentences": 8, "train.eval_batch_size": 32,
+      "data.src_vocab_size": 2000, "data.tgt_vocab_size": 2000})
+  train.train(cfg, args.workdir, progress=False)
+  print(json.dumps({"workdir": args.workdir}))
+
+
+def pointed_at(model: str, workdir: str, text: str) -> str:
+  """A copy of the WORKDIR `model` whose config reads the corpus in the folder `text`."""
+  from s2s_jax import config as config_lib
+  shutil.copytree(model, workdir)
+  path = os.path.join(workdir, "config.json")
+  config_lib.save_json(config_lib.override(config_lib.load_json(path), {"data.path": text}), path)
+  return workdir
+
+
 def run_child(folder: str, store: str, workdir: str, tokenizer: str, mode: str = "--child") -> dict:
   out = subprocess.run([sys.executable, "-m", "benchmarks.data", mode, "--folder", folder,
                         "--store", store, "--workdir", workdir, "--tokenizer", tokenizer],
@@ -117,8 +156,12 @@ def main() -> None:
   p.add_argument("--tokenizer", default="none", help="none | moses")
   p.add_argument("--first-step", action="store_true",
                  help="also time the paper preset's first step on each prepared corpus")
+  p.add_argument("--evaluate", action="store_true",
+                 help="also time evaluate --split test with each training split")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--step-child", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--eval-child", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--model-child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--folder", help=argparse.SUPPRESS)
   p.add_argument("--store", help=argparse.SUPPRESS)
   p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -127,12 +170,23 @@ def main() -> None:
     return child(args)
   if args.step_child:
     return first_step(args)
-  rows = []
+  if args.eval_child:
+    return evaluate_child(args)
+  rows, evals = [], []
+  if args.model_child:
+    return tiny_model(args)
+  model_dir = tempfile.mkdtemp(prefix="s2s_data_bench_model_") if args.evaluate else None
+  model = None
+  if args.evaluate:  # in another process: a child's peak memory counts its parent's at its start
+    write_corpus(os.path.join(model_dir, "text"), 20_000, args.source)
+    model = run_child(os.path.join(model_dir, "text"), os.path.join(model_dir, "store"),
+                      os.path.join(model_dir, "model"), args.tokenizer, "--model-child")["workdir"]
   print(f"tokenizer={args.tokenizer}, {os.cpu_count()} CPUs, corpus from "
         f"{args.source or 'the embedded grammar'}")
   print(f"{'pairs':>9} {'words/sent':>10} {'first s':>8} {'pairs/s':>8} {'reused s':>8} "
         f"{'1st batch s':>11} {'peak MB':>8} {'B/token':>8} {'B/token read':>12}"
-        + (f" {'1st step s':>10}" if args.first_step else ""))
+        + (f" {'1st step s':>10}" if args.first_step else "")
+        + (f" {'eval s':>7} {'eval MB':>8}" if args.evaluate else ""))
   for n in [int(x) for x in args.pairs.split(",")]:
     tmp = tempfile.mkdtemp(prefix="s2s_data_bench_")
     try:
@@ -143,14 +197,23 @@ def main() -> None:
                          args.tokenizer)
       step = (run_child(os.path.join(tmp, "text"), store, os.path.join(tmp, "wd3"),
                         args.tokenizer, "--step-child") if args.first_step else None)
+      ev = None
+      if args.evaluate:  # the fastest of 3 runs (the machine is shared), the largest memory
+        wd = pointed_at(model, os.path.join(tmp, "wd4"), os.path.join(tmp, "text"))
+        runs = [run_child(os.path.join(tmp, "text"), store, wd, args.tokenizer, "--eval-child")
+                for _ in range(3)]
+        ev = {"seconds": min(r["seconds"] for r in runs),
+              "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
     rows.append((n, first, reused, step))
+    evals.append((n, ev))
     print(f"{n:>9} {words:>10.1f} {first['seconds_corpus']:>8.1f} "
           f"{n / first['seconds_corpus']:>8.0f} {reused['seconds_corpus']:>8.2f} "
           f"{reused['seconds_first_batch']:>11.2f} {max(first['peak_rss_mb'], reused['peak_rss_mb']):>8.0f} "
           f"{reused['bytes_per_token_loaded']:>8.2f} {reused['bytes_per_token_all_read']:>12.2f}"
-          + (f" {step['seconds_to_first_step']:>10.1f}" if step else ""), flush=True)
+          + (f" {step['seconds_to_first_step']:>10.1f}" if step else "")
+          + (f" {ev['seconds']:>7.1f} {ev['peak_rss_mb']:>8.0f}" if ev else ""), flush=True)
   if len(rows) > 1:
     (n0, f0, r0, s0), (n1, f1, r1, s1) = rows[0], rows[-1]
     grow = lambda a, b: (np.log(b) - np.log(a)) / (np.log(n1) - np.log(n0))
@@ -165,6 +228,13 @@ def main() -> None:
       reuse = r1["seconds_first_batch"] * (big / n1) ** max(e_reused, 0)
       print(f"extrapolated to {big / 1e6:.0f}M pairs: first {big / rate / 60:.1f} min at "
             f"{rate:.0f} pairs/s, reused to first batch {reuse:.1f} s")
+  if args.evaluate and len(evals) > 1:
+    (n0, e0), (n1, e1) = evals[0], evals[-1]
+    print(f"evaluate --split test with {n1} training pairs against {n0}: "
+          f"{e1['seconds'] / e0['seconds']:.2f}x the time, "
+          f"{e1['peak_rss_mb'] / e0['peak_rss_mb']:.2f}x the peak memory")
+  if model_dir:
+    shutil.rmtree(model_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,48 @@
 #!/usr/bin/env bash
-# The performance issue's GPU measurements as one prepared command, sized for a short loan of a
-# GPU machine (about 9 minutes after start-up). It installs nothing: it uses that machine's own
-# CUDA builds of jax and torch (PYTHON picks the interpreter). Results go to ${OUT:-runs/gpu}:
-# env.txt, then NAME.log (progress and the table) and NAME.json for each run below, in order of
-# importance, each under its own time limit so that a slow compile cannot starve the rest.
-#   bash benchmarks/gpu.sh
+# The GPU measurements as one prepared command, sized for a short loan of one GPU (about 7
+# minutes after start-up), on that machine's own CUDA build of jax, as it is: no PyTorch,
+# sacremoses, tensorflow-datasets or tensorboardX needed (PYTHON picks the interpreter).
+#   bash benchmarks/gpu.sh               # on the GPU machine
+#   bash benchmarks/gpu.sh --rehearse    # anywhere: the same steps on the CPU, tiny sizes
+# Results go to ${OUT:-runs/gpu} (7 small files): env.txt, then for each step NAME.log and
+# NAME.json; the corpus, its data store and the training runs (with their logs) to
+# ${WORK:-/tmp/s2s_jax_gpu_bench}:
+#   train_float32, train_bfloat16  the paper preset's training words/s through its real
+#                                  command (python -m experiments.wmt14, as users run it:
+#                                  benchmarks/gpu.py says how), in each compute dtype
+#   lstm                           our scan LSTM stack against cuDNN's, forward and backward
+# each under its own time limit, so that a slow compile cannot starve the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu}
+work=${WORK:-/tmp/s2s_jax_gpu_bench}  # the corpus, its data store and the runs (GBs)
 py=${PYTHON:-python3}
-mkdir -p "$out"
+mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1
+extra=()
+if [[ "${1:-}" == "--rehearse" ]]; then
+  extra=(--tiny --allow-cpu)
+fi
 
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  "$py" -c 'import jax, torch; print("jax", jax.__version__, jax.devices());
-print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
-      torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  "$py" -c 'import sys, jax; print(sys.version.split()[0], "jax", jax.__version__, jax.devices())'
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
-if [[ "$("$py" -c 'import jax; print(jax.default_backend())' 2>/dev/null)" != "gpu" ]]; then
+if [[ ${#extra[@]} -eq 0 && "$("$py" -c 'import jax; print(jax.default_backend())' 2>/dev/null)" != "gpu" ]]; then
   echo "gpu.sh: JAX does not see a GPU here (see $out/env.txt); nothing measured" >&2
   exit 2
 fi
 
-run() {  # NAME SECONDS ARGS...: one benchmarks.compare run under a time limit
+step() {  # NAME SECONDS ARGS...: one benchmarks.gpu task under a time limit
   local name=$1 limit=$2
   shift 2
-  # --malloc system: the host-heap settings are for XLA's CPU temporaries, not needed here
-  timeout "$limit" "$py" -m benchmarks.compare "$@" --malloc system --json "$out/$name.json" \
+  timeout "$limit" "$py" -m benchmarks.gpu "$@" --out "$out" --work "$work" "${extra[@]}" \
     >"$out/$name.log" 2>&1
-  echo "$name: exit $? after at most ${limit} s; $(tail -n 1 "$out/$name.log")"
+  echo "$name: exit $? after at most ${limit} s"
+  tail -n 12 "$out/$name.log"
 }
 
-# The paper's model first: the issue's GPU target is its training speed (words/s and ratio).
-run paper_train 210 --config paper --tasks train --steps 10
-run paper_decode 180 --config paper --tasks decode --decode-reps 3
-run medium 100 --config medium --steps 10 --decode-reps 3
+step train_float32 200 train --dtype float32 --limit 185
+step train_bfloat16 170 train --dtype bfloat16 --limit 155
+step lstm 90 lstm

@@ -37,7 +37,7 @@ def show_results(cfg: c.Config, workdir: str) -> None:
   """Prints beam-search translations of a few test sentences and the test BLEU, then draws the
   training curves (WORKDIR/curves.png) and the PCA of encoder states (WORKDIR/pca.png)."""
   m = translate.load([workdir])
-  pairs = sources.load_pairs(m.cfg.data)["test"]
+  pairs = sources.read_split(m.cfg.data, "test")  # generates the test split alone
   results, hyps = evaluate.evaluate(m, pairs, "test")
   detok = translate.detokenizer(m)
   for (s, r), h in list(zip(pairs, hyps))[:4]:

@@ -83,9 +83,10 @@ def enable_compilation_cache() -> str | None:
 
 
 def setup() -> None:
-  """Process setup shared by the command lines: host memory reuse, logging, then the
-  compilation cache."""
-  hardware.reuse_host_memory()
+  """Process setup shared by the command lines: host memory reuse (when JAX will run on its
+  CPU backend, `hardware.cpu_backend_expected`), logging, then the compilation cache."""
+  if hardware.cpu_backend_expected()[0]:
+    hardware.reuse_host_memory()
   setup_logging()
   enable_compilation_cache()
 

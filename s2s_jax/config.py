@@ -106,7 +106,7 @@ class TrainConfig(_Checked):
   eval_every: int = 1000  # steps between validation perplexity evaluations (0 = only at the end)
   checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
   keep_checkpoints: int = 3  # how many recent checkpoints to keep
-  log_every: int = 50  # steps between training metric lines
+  log_every: int = 50  # steps between training metric lines, and between the loop's waits for the devices (finite flags; with many processes, agreeing to stop on a signal)
   seed: int = 0  # parameter init and batch order
   eval_batch_size: int = 128  # sentences per validation batch
   max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (0 = never)

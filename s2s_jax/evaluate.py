@@ -9,12 +9,13 @@ BLEU (see `s2s_jax.bleu`): standard sacreBLEU on detokenized output with its sig
 the paper's cased BLEU on tokenized text (multi-bleu.pl style). Perplexity: exp of the mean
 NLL per target token (</s> included) over the pairs with a non-empty source and target, as in
 training (`decode.perplexity`), under the ensemble's combined distribution. `--split NAME`
-evaluates that split of the configured corpus (raw pairs from `sources.load_pairs`, encoded
-with the WORKDIR's saved vocabularies), so it gives the same figures as --src/--ref on the
-same files. `--testset NAME` evaluates a sacreBLEU test set in the model's language pair,
-fetched once through sacreBLEU's cache (`s2s_jax.data.testsets`). Results are printed as JSON
-and written to WORKDIR/eval_<name>.json. --replace_unk [--unk_dict FILE] (attention models):
-unknown-word replacement before scoring, as in `s2s_jax.translate` (perplexity is unchanged).
+evaluates that split of the configured corpus (its raw pairs from `sources.read_split`, which
+reads that split alone, encoded with the WORKDIR's saved vocabularies), so it gives the same
+figures as --src/--ref on the same files. `--testset NAME` evaluates a sacreBLEU test set in
+the model's language pair, fetched once through sacreBLEU's cache (`s2s_jax.data.testsets`).
+Results are printed as JSON and written to WORKDIR/eval_<name>.json. --replace_unk
+[--unk_dict FILE] (attention models): unknown-word replacement before scoring, as in
+`s2s_jax.translate` (perplexity is unchanged).
 """
 
 from __future__ import annotations
@@ -100,11 +101,7 @@ def _main(argv: Sequence[str] | None) -> int:
   if args.testset:
     pairs, name = testsets.load(args.testset, m.cfg.data.src_lang, m.cfg.data.tgt_lang)
   elif args.split:
-    splits = sources.load_pairs(m.cfg.data)
-    if args.split not in splits:
-      raise ValueError(f"no split {args.split!r} in the configured corpus; "
-                       f"splits: {', '.join(splits)}")
-    pairs, name = splits[args.split], args.split
+    pairs, name = sources.read_split(m.cfg.data, args.split), args.split
   else:
     src, ref = sources.read_lines(args.src), sources.read_lines(args.ref)
     if len(src) != len(ref):

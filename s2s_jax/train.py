@@ -12,8 +12,10 @@ records every train.eval_every steps and at the end) and TensorBoard (see workdi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
@@ -140,6 +142,9 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
   return int(math.ceil(cfg.train.num_epochs * steps_per_epoch))
 
 
+SYNC_EVERY = 50  # steps between the loop's host syncs when train.log_every is 0
+
+
 class StopSignal:
   """Turns SIGINT/SIGTERM into a flag the loop checks between steps (then it saves and exits)."""
 
@@ -207,9 +212,12 @@ class Trainer:
     devices.main_process_first(lambda: workdir_lib.check_config(cfg, workdir))
     corpus = devices.main_process_first(
         lambda: pipeline.load_corpus(cfg.data, workdir, progress=progress))
-    self.batches = pipeline.BatchIterator(
+    # Batches are made, counted (the words of every process's rows) and placed ahead.
+    batches = pipeline.BatchIterator(
         corpus.examples["train"], cfg.train.batch_size, cfg.data.bucket_width, cfg.train.seed,
         cfg.data.bucket_growth, rows=self.strategy.host_rows(cfg.train.batch_size))
+    self.batches = pipeline.Prefetcher(
+        batches, lambda batch: (batches.last_words, self.strategy.place_batch(batch)))
     # Saved with the data position: a resume refuses another corpus, wherever it lies.
     self.corpus_id = {"corpus": corpus.content_key, "corpus_name": corpus.name}
     self.valid = corpus.examples["valid"]
@@ -241,6 +249,8 @@ class Trainer:
     self.words = 0
     self.hooks: list[Hook] = []
     self.stopped_by: int | None = None
+    self.sync_every = cfg.train.log_every if cfg.train.log_every > 0 else SYNC_EVERY
+    self.unchecked: list[tuple[jax.Array, int, tuple[int, int]]] = []  # (finite, step, position)
     self.bad_streak = 0  # consecutive non-finite steps
     self.t_logged = time.perf_counter()  # when the last train record was written
     self.progress_bar = None
@@ -284,59 +294,83 @@ class Trainer:
     hook.last_step = self.step
 
   def run(self) -> dict[str, Any]:
-    """The loop: train steps until num_steps or a signal, with the hooks; returns `result`."""
+    """The loop: train steps until num_steps or a signal, with the hooks; returns `result`.
+
+    The host never waits for a step inside the loop except every `sync_every` steps
+    (train.log_every), where it reads the steps' finite flags (`check_finite`) and, with
+    several processes, agrees with the others on whether a signal arrived (`_stop_signal`),
+    so that every process stops after the same step.
+    """
     if self.step == 0:
       for hook in self.hooks:
         if hook.at_start:
           self._call(hook)
-    previous = None  # checked one step late, so the host never waits on the step just queued
     with StopSignal() as stop:
-      while self.step < self.num_steps and stop.received is None:
+      while self.step < self.num_steps and self._stop_signal(stop) is None:
         position = (self.batches.epoch, self.batches.index)
-        batch = next(self.batches)
-        self.words += self.batches.last_words  # of every process's rows
+        words, batch = next(self.batches)
+        self.words += words
         self.state, metrics = self.train_fn(self.state, batch)
         self.step += 1
         if self.step == self.start_step + 1:  # data, initialization, compilation and one step
           jax.block_until_ready(metrics)
           self.result["seconds_to_first_step"] = time.perf_counter() - self.t_start
           logging.info("first step done %.1f s after start", self.result["seconds_to_first_step"])
-        if previous is not None:
-          self._check_finite(*previous)
-        previous = (metrics, self.step, position)
         self.pending.append(metrics)
+        self.unchecked.append((metrics["finite"], self.step, position))
         if self.progress_bar is not None:
           self.progress_bar.update(1)
+        if self.step % self.sync_every == 0:
+          self.check_finite()
         for hook in self.hooks:
           if hook.every and self.step % hook.every == 0:
             self._call(hook)
-      if previous is not None:
-        self._check_finite(*previous)
-      self.stopped_by = stop.received
+      self.stopped_by = self._stop_signal(stop, final=True)
+      self.check_finite()
       for hook in self.hooks:
         if (hook.at_end and hook.last_step != self.step
             and (self.stopped_by is None or hook.when_stopped)):
           self._call(hook)
     if self.stopped_by is not None:
-      logging.warning("stopped by signal at step %d; checkpoint saved. Rerun the same command to "
-                      "resume.", self.step)
+      logging.warning("stopped by signal %d at step %d; checkpoint saved. Exit status %d; rerun "
+                      "the same command to resume.", self.stopped_by, self.step,
+                      128 + self.stopped_by)
     self.result["step"] = self.step
     self.result["interrupted"] = self.stopped_by is not None
+    self.result["signal"] = self.stopped_by
     return self.result
 
-  def _check_finite(self, metrics: dict[str, jax.Array], at_step: int,
-                    position: tuple[int, int]) -> None:
-    if bool(metrics["finite"]):
-      self.bad_streak = 0
+  def _stop_signal(self, stop: StopSignal, final: bool = False) -> int | None:
+    """The signal that stops the run here, if any. One process stops at the first step
+    boundary after its signal. Several agree (the largest signal number any of them received)
+    every `sync_every` steps and when the loop ends (`final`): a collective that every process
+    reaches at the same step, so all stop together and write one checkpoint."""
+    if jax.process_count() == 1:
+      return stop.received
+    if not final and self.step % self.sync_every:
+      return None
+    return devices.agree(stop.received or 0) or None
+
+  def check_finite(self) -> None:
+    """Reads the finite flags of the steps not yet checked (one transfer), warns about each
+    non-finite one (its update was skipped) and raises FloatingPointError after
+    train.max_bad_steps consecutive ones."""
+    if not self.unchecked:
       return
-    self.bad_streak += 1
-    logging.warning("step %d: non-finite loss or gradient; update skipped (epoch %d, batch %d)",
-                    at_step, *position)
-    limit = self.cfg.train.max_bad_steps
-    if limit > 0 and self.bad_streak >= limit:
-      raise FloatingPointError(
-          f"{self.bad_streak} consecutive non-finite steps ending at step {at_step}; lower "
-          "optim.learning_rate or check the data")
+    checked, self.unchecked = self.unchecked, []
+    flags = fetch_metrics([{"finite": f} for f, _, _ in checked])
+    for flag, (_, at_step, position) in zip(flags, checked):
+      if bool(flag["finite"]):
+        self.bad_streak = 0
+        continue
+      self.bad_streak += 1
+      logging.warning("step %d: non-finite loss or gradient; update skipped (epoch %d, batch "
+                      "%d)", at_step, *position)
+      limit = self.cfg.train.max_bad_steps
+      if limit > 0 and self.bad_streak >= limit:
+        raise FloatingPointError(
+            f"{self.bad_streak} consecutive non-finite steps ending at step {at_step}; lower "
+            "optim.learning_rate or check the data")
 
   def valid_batches(self) -> Iterable[dict[str, np.ndarray]]:
     return pipeline.eval_batches(self.valid, self.cfg.train.eval_batch_size,
@@ -344,18 +378,35 @@ class Trainer:
                                  self.strategy.host_rows(self.cfg.train.eval_batch_size))
 
   def close(self) -> None:
-    """Teardown: waits for checkpoints being written, closes the metrics and the progress bar."""
+    """Teardown: stops the batch thread, waits for checkpoints being written, closes the
+    metrics and the progress bar."""
+    self.batches.close()
     checkpoint.wait(self.checkpoints)
     self.writer.close()
     if self.progress_bar is not None:
       self.progress_bar.close()
 
 
+_stack = jax.jit(lambda metrics: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *metrics))
+
+
+def fetch_metrics(metrics: list[dict[str, jax.Array]]) -> list[dict[str, np.ndarray]]:
+  """Steps' metrics on the host, stacked on the devices first: one transfer per kind of
+  metric, not one per step. The list is padded (with its last entry) to a power of two, so
+  that the jitted stack compiles for a few lengths only."""
+  if not metrics:
+    return []
+  n = len(metrics)
+  padded = list(metrics) + [metrics[-1]] * ((1 << (n - 1).bit_length()) - n)
+  stacked = jax.device_get(_stack(padded))
+  return [{k: v[i] for k, v in stacked.items()} for i in range(n)]
+
+
 def log_train(t: Trainer) -> None:
   """A "train" record of the steps since the last one; skipped steps stay out of the means."""
   if not t.pending:
     return
-  host = jax.device_get(t.pending)
+  host = fetch_metrics(t.pending)
   now = time.perf_counter()
   skipped = sum(1 for m in host if not bool(m["finite"]))
   host = [m for m in host if bool(m["finite"])] or host
@@ -385,11 +436,21 @@ def evaluate(t: Trainer) -> None:
 
 
 def save_checkpoint(t: Trainer) -> None:
-  """A checkpoint of the canonical state and the data position (asynchronous)."""
+  """A checkpoint of the canonical state and the data position (asynchronous), after the finite
+  flags of every step before it are checked (`Trainer.check_finite`)."""
+  t.check_finite()
   if t.checkpoints.latest_step() == t.step:
     return
   checkpoint.save(t.checkpoints, t.step, t.strategy.to_canonical(t.state),
                   dict(t.batches.state(), **t.corpus_id))
+
+
+def add_builtin_hooks(t: Trainer) -> None:
+  """The periodic actions of every run: log, evaluate, checkpoint (train.*_every steps)."""
+  c = t.cfg.train
+  t.add_hook(log_train, c.log_every)
+  t.add_hook(evaluate, c.eval_every, at_start=c.eval_every > 0, when_stopped=False)
+  t.add_hook(save_checkpoint, c.checkpoint_every)
 
 
 def train(cfg: Config, workdir: str, progress: bool = True,
@@ -398,10 +459,7 @@ def train(cfg: Config, workdir: str, progress: bool = True,
   periodic actions, called after the built-in ones."""
   trainer = Trainer(cfg, workdir, progress)
   try:
-    t = cfg.train
-    trainer.add_hook(log_train, t.log_every)
-    trainer.add_hook(evaluate, t.eval_every, at_start=t.eval_every > 0, when_stopped=False)
-    trainer.add_hook(save_checkpoint, t.checkpoint_every)
+    add_builtin_hooks(trainer)
     for fn, every in hooks:
       trainer.add_hook(fn, every)
     return trainer.run()
@@ -413,7 +471,10 @@ def main(preset: Config, argv: Sequence[str] | None,
          after: Callable[[Config, str], None] | None = None) -> int:
   """Command line of the experiment presets: --workdir DIR and --section.field=value overrides;
   --prepare_data prepares the corpus (and the WORKDIR's vocabularies) and stops. `after(cfg,
-  workdir)` runs when training ends without a signal (the quickstart's evaluation)."""
+  workdir)` runs when training ends without a signal (the quickstart's evaluation). Only
+  process 0 prints. Exit status: 0 when training is done; 128 + the signal number (143 for
+  SIGTERM, 130 for SIGINT) when a signal stopped it after saving a checkpoint, so that a
+  scheduler restarts the command, which resumes there."""
   def run(argv: Sequence[str] | None) -> int:
     updates, extras = config_lib.parse_args(argv or [], extra_flags=("workdir", "prepare_data"))
     cfg = config_lib.override(preset, updates)
@@ -425,9 +486,15 @@ def main(preset: Config, argv: Sequence[str] | None,
       print(json.dumps({"prepared": corpus.prepared.folder, "stats": corpus.stats}))
       return 0
     result = train(cfg, workdir)
-    if after is not None and not result.get("interrupted"):
-      after(cfg, workdir)
-    print(json.dumps({k: result[k] for k in ("step", "valid_ppl", "train_ppl") if k in result}))
+    quiet = (contextlib.nullcontext() if devices.is_main_process()
+             else contextlib.redirect_stdout(io.StringIO()))
+    with quiet:
+      if result["interrupted"]:
+        print(json.dumps({"step": result["step"], "interrupted_by_signal": result["signal"]}))
+        return 128 + result["signal"]
+      if after is not None:
+        after(cfg, workdir)
+      print(json.dumps({k: result[k] for k in ("step", "valid_ppl", "train_ppl") if k in result}))
     return 0
 
   return cli.run(run, argv)

@@ -133,7 +133,8 @@ def resolve_compute_dtype(cfg: Config, workdir: str) -> Config:
 
 class MetricsWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl and writes the same numbers as
-  TensorBoard scalars (tag "<kind>/<field>") to event files in WORKDIR/tensorboard.
+  TensorBoard scalars (tag "<kind>/<field>") to event files in WORKDIR/tensorboard (when
+  tensorboardX is installed).
 
   `resume_step`: the restored checkpoint's step (None: a fresh start). TensorBoard then hides
   every event logged after it by an earlier, interrupted run (its purge_step), as
@@ -153,9 +154,17 @@ class MetricsWriter:
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
     if self._tb is None:
-      import tensorboardX
-      self._tb = tensorboardX.SummaryWriter(self.tensorboard_dir, purge_step=self._purge_step,
-                                            flush_secs=30)
+      try:
+        import tensorboardX
+      except ImportError:  # metrics.jsonl alone: a machine without the optional package
+        logging.warning("no TensorBoard event files (pip install tensorboardX); the metrics "
+                        "are in %s", self.path)
+        self._tb = False
+      else:
+        self._tb = tensorboardX.SummaryWriter(self.tensorboard_dir, flush_secs=30,
+                                              purge_step=self._purge_step)
+    if self._tb is False:
+      return
     kind = record.get("kind", "metrics")
     for key, value in record.items():
       if key in ("kind", "step") or isinstance(value, bool):
@@ -165,6 +174,6 @@ class MetricsWriter:
     self._tb.flush()  # records come every train.log_every steps: cheap, and nothing is lost
 
   def close(self) -> None:
-    if self._tb is not None:
+    if self._tb not in (None, False):
       self._tb.close()
-      self._tb = None
+    self._tb = None

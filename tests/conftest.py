@@ -20,14 +20,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-# Prepared corpora (s2s_jax.data.prepared) go to a data store of the session, never ~/.cache.
+# Prepared corpora (s2s_jax.data.prepared) go to a data store of the session, never ~/.cache;
+# under pytest-xdist each worker gets its own folder in it (tests count what a store holds).
 if "S2S_JAX_DATA" not in os.environ:
   import atexit
   import shutil
   import tempfile
   _store = tempfile.mkdtemp(prefix="s2s_jax_test_data_")
   atexit.register(shutil.rmtree, _store, ignore_errors=True)
-  os.environ["S2S_JAX_DATA"] = _store
+  os.environ["S2S_JAX_DATA"] = os.environ["S2S_JAX_TEST_DATA"] = _store
+if os.environ.get("S2S_JAX_TEST_DATA") and os.environ.get("PYTEST_XDIST_WORKER"):
+  os.environ["S2S_JAX_DATA"] = os.path.join(os.environ["S2S_JAX_TEST_DATA"],
+                                            os.environ["PYTEST_XDIST_WORKER"])
+  os.makedirs(os.environ["S2S_JAX_DATA"], exist_ok=True)
 
 import pytest  # noqa: E402
 

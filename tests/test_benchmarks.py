@@ -2,6 +2,8 @@
 PyTorch reference's searches against ours (skipped without torch)."""
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +204,19 @@ def test_parts_runs_on_the_tiny_config(capsys):
   rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[3:]]
   assert [r[1].strip() for r in rows][:2] == ["train step (donated state)", "loss forward"]
   assert len(rows) == 7 and all(float(r[2]) >= 0 for r in rows)
+
+
+def test_gpu_train_rehearsal_reports_the_real_commands_words_per_s(tmp_path):
+  """gpu.sh's train step on the CPU, tiny: the real wmt14 command, its words/s read back."""
+  from benchmarks import gpu
+  out, work = str(tmp_path / "out"), str(tmp_path / "work")
+  assert gpu.main(["train", "--tiny", "--allow-cpu", "--steps", "10", "--log-every", "5",
+                   "--pairs", "200", "--out", out, "--work", work]) == 0
+  with open(os.path.join(out, "train_float32.json")) as f:
+    result = json.load(f)
+  assert result["status"] == 0 and result["command"][1:3] == ["-m", "experiments.wmt14"]
+  assert result["intervals"] == 1 and result["words_per_s"] > 0
+  assert result["vocab"] == [2004, 1004]  # both vocabularies full, as in the paper's run
 
 
 def test_compare_runs_on_the_tiny_config(capsys):

@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -44,17 +45,49 @@ def _cpuinfo(tmp_path, flags):
   return str(tmp_path / "cpuinfo")
 
 
-@pytest.mark.parametrize("backend, flags, expected", [
-    ("cpu", "", "float32"), ("cpu", "avx512f avx512_vnni avx512_bf16", "bfloat16"),
-    ("cpu", "amx_bf16 amx_tile", "bfloat16"), ("cpu", "avx512f avx512_vnni", "float32"),
-    ("gpu", "", "bfloat16"), ("tpu", "", "bfloat16")])
-def test_auto_dtype_is_bfloat16_only_where_the_hardware_has_bf16_dots(tmp_path, backend, flags,
-                                                                       expected):
-  dtype, why = hardware.native_bf16_dtype(backend, _cpuinfo(tmp_path, flags))
+def fake_device(platform, compute_capability=None, kind="test device"):
+  """What native_bf16_dtype reads of a jax.Device (CPU devices have no compute_capability)."""
+  device = types.SimpleNamespace(platform=platform, device_kind=kind)
+  if compute_capability is not None:
+    device.compute_capability = compute_capability
+  return device
+
+
+@pytest.mark.parametrize("device, flags, expected", [
+    (fake_device("cpu"), "", "float32"),
+    (fake_device("cpu"), "avx512f avx512_vnni avx512_bf16", "bfloat16"),
+    (fake_device("cpu"), "amx_bf16 amx_tile", "bfloat16"),
+    (fake_device("cpu"), "avx512f avx512_vnni", "float32"),
+    (fake_device("gpu", "7.0", "Tesla V100-SXM2-16GB"), "", "float32"),
+    (fake_device("gpu", "7.5", "Tesla T4"), "", "float32"),
+    (fake_device("gpu", "8.0", "NVIDIA A100-SXM4-40GB"), "", "bfloat16"),
+    (fake_device("gpu", "8.6", "NVIDIA GeForce RTX 3090"), "", "bfloat16"),
+    (fake_device("gpu", "9.0", "NVIDIA H100 80GB HBM3"), "", "bfloat16"),
+    (fake_device("gpu", "10.0", "NVIDIA B200"), "", "bfloat16"),
+    (fake_device("gpu", None, "AMD Instinct MI250X"), "", "float32"),
+    (fake_device("gpu", "gfx90a", "AMD Instinct MI250X"), "", "float32"),
+    (fake_device("tpu", None, "TPU v4"), "", "bfloat16"),
+    (fake_device("metal"), "", "float32")])
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_multiplies_bf16(tmp_path, device, flags,
+                                                                         expected):
+  dtype, why = hardware.native_bf16_dtype(device, _cpuinfo(tmp_path, flags))
   assert dtype == expected, why
-  dtype, why = hardware.native_bf16_dtype(backend, str(tmp_path / "missing"))
-  assert dtype == ("float32" if backend == "cpu" else "bfloat16")
-  assert backend != "cpu" or "missing" in why
+  dtype, why = hardware.native_bf16_dtype(device, str(tmp_path / "missing"))
+  assert dtype == ("float32" if device.platform == "cpu" else expected)
+  assert device.platform != "cpu" or "missing" in why
+  if device.platform == "gpu":
+    assert device.device_kind in why
+
+
+def test_host_memory_is_tuned_only_for_the_cpu_backend():
+  expected = lambda platforms, plugins: hardware.cpu_backend_expected(platforms, plugins)[0]
+  assert expected("cpu", ["xla_cuda12"]) and expected("cpu,cuda", [])
+  assert not expected("cuda", []) and not expected("tpu,cpu", [])
+  assert expected("", []) and not expected("", ["xla_cuda12"])
+  assert not expected("", ["libtpu"])
+  assert "xla_cuda12" in hardware.cpu_backend_expected("", ["xla_cuda12"])[1]
+  # This machine: the test session runs JAX on the CPU (conftest sets JAX_PLATFORMS=cpu).
+  assert hardware.cpu_backend_expected() == (True, "JAX_PLATFORMS=cpu")
 
 
 # Faults taken by writing a fresh 512 MB malloc block after an equal block was freed, in a new

@@ -202,7 +202,7 @@ def test_synthetic_source_goes_through_the_pipeline():
   cfg = DataConfig(source="synthetic", synthetic_train=120, synthetic_valid=10, synthetic_test=10,
                    synthetic_seed=3, src_vocab_size=5000, tgt_vocab_size=5000)
   raw = synthetic.make_splits(120, 10, 10, seed=3)
-  assert sources.load_pairs(cfg) == raw
+  assert {split: sources.read_split(cfg, split) for split in sources.SPLITS} == raw
   c = pipeline.load_corpus(cfg, None)
   assert sum(c.stats[s]["kept"] + c.stats[s]["empty"] + c.stats[s]["too_long"]
              for s in sources.SPLITS) == 140
@@ -210,6 +210,37 @@ def test_synthetic_source_goes_through_the_pipeline():
   tok_s, tok_t = tokenize.tokenizer("moses", "en")(s), tokenize.tokenizer("moses", "fr")(t)
   assert c.examples["test"][0] == pipeline.encode_pair(tok_s, tok_t, c.src_vocab, c.tgt_vocab, True)
   assert c.stats["train"]["src_oov"] == 0.0
+
+
+def test_one_split_is_read_without_the_others(tmp_path, monkeypatch):
+  # synthetic: the generator's stream is drawn only up to the end of the split asked for
+  stream, drawn = synthetic._pair_stream, [0]
+
+  def counted(seed):
+    for pair in stream(seed):
+      drawn[0] += 1
+      yield pair
+
+  monkeypatch.setattr(synthetic, "_pair_stream", counted)
+  huge = DataConfig(source="synthetic", synthetic_train=10**9, synthetic_valid=15,
+                    synthetic_test=20, synthetic_seed=3)
+  whole = synthetic.make_splits(50, 15, 20, seed=3)
+  drawn[0] = 0
+  assert sources.read_split(huge, "test") == whole["test"]
+  assert 20 <= drawn[0] < 30
+  assert sources.read_split(huge, "valid") == whole["valid"]
+  # text: only that split's two files are read; the others may be missing
+  folder = tmp_path / "text"
+  folder.mkdir()
+  (folder / "test.en").write_text("a b\nc\n")
+  (folder / "test.fr").write_text("x\ny z\n")
+  cfg = DataConfig(source="text", path=str(folder))
+  assert sources.read_split(cfg, "test") == [("a b", "x"), ("c", "y z")]
+  with pytest.raises(DataError, match=r"train\.en: file not found"):
+    sources.read_split(cfg, "train")
+  with pytest.raises(DataError, match="no split 'dev' in the configured corpus; splits: train, "
+                                      "valid, test"):
+    sources.read_split(cfg, "dev")
 
 
 # ----------------------------------------------------------------------------- bucketing
@@ -370,3 +401,52 @@ def test_restore_refuses_a_state_from_other_data_or_seed():
     it.restore({"epoch": 0, "index": 1, "seed": 0, "num_examples": 9})
   it.restore({"epoch": 2, "index": 1})  # an older state without the extra keys still works
   assert (it.epoch, it.index) == (2, 1)
+
+
+@pytest.mark.parametrize("stop_after", [3, 7, 11])
+def test_prefetched_batches_and_position_are_the_iterators(stop_after):
+  """Made ahead on a thread, the batches come in the iterator's order, and the position
+  (what a checkpoint saves) is after the batches handed out, not after those made ahead."""
+  ex = unique_examples([(i % 11 + 1, (3 * i) % 8 + 1) for i in range(53)])
+  make = lambda: pipeline.BatchIterator(ex, 8, 2, seed=5)
+  ref = make()
+  expected = [next(ref) for _ in range(stop_after + 9)]
+  ahead = pipeline.Prefetcher(make(), lambda b: dict(b, words=train_words(b)), depth=3)
+  positions = []
+  for want in expected[:stop_after]:
+    got = next(ahead)
+    np.testing.assert_array_equal(got["src"], want["src"])
+    assert got["words"] == train_words(want)
+    positions.append((ahead.epoch, ahead.index))
+  plain = make()
+  for _ in range(stop_after):
+    next(plain)
+  assert ahead.state() == plain.state() and positions[-1] == (plain.epoch, plain.index)
+  fresh = pipeline.Prefetcher(make(), lambda b: b)
+  fresh.restore(json.loads(json.dumps(ahead.state())))
+  ahead.close()  # stops the thread; the iterator continues from the position handed out
+  for want in expected[stop_after:stop_after + 3]:
+    for it in (fresh, ahead):
+      np.testing.assert_array_equal(next(it)["tgt"], want["tgt"])
+  fresh.close()
+  ahead.close()
+
+
+def train_words(batch):
+  return int(np.sum(batch["src"] != PAD_ID))
+
+
+def test_prefetch_errors_reach_the_consumer():
+  ex = unique_examples([(2, 3)] * 10)
+  calls = []
+
+  def prepare(batch):
+    calls.append(1)
+    if len(calls) == 2:
+      raise DataError("bad batch")
+    return batch
+
+  ahead = pipeline.Prefetcher(pipeline.BatchIterator(ex, 4, 2, seed=0), prepare)
+  next(ahead)
+  with pytest.raises(DataError, match="bad batch"):
+    next(ahead)

@@ -75,5 +75,5 @@ def test_bad_settings_and_an_empty_training_set(tmp_path):
 
 def test_byte_order_mark_and_crlf_line_ends_are_not_text(tmp_path):
   folder = write(tmp_path, good_files(**{"train.en": b"\xef\xbb\xbfa b\r\n c\t\r\n"}))
-  pairs = sources.load_pairs(DataConfig(source="text", path=folder))
-  assert pairs["train"] == [("a b", "a b"), ("c", "c d")]
+  pairs = sources.read_split(DataConfig(source="text", path=folder), "train")
+  assert pairs == [("a b", "a b"), ("c", "c d")]

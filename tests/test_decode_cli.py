@@ -149,8 +149,17 @@ def test_evaluate_files_and_split(workdir, toy_corpus, tmp_path, capsys):
   assert res["bleu"] == pytest.approx(again["bleu"])
   assert res["bleu_tok"] == pytest.approx(again["bleu_tok"])
   assert 1.0 < res["perplexity"] < 40.0 and res["beam_size"] == 3
-  # the configured split gives the same figures as its files
-  rc, stdout, err = run(evaluate, ["--workdir", workdir, "--split", "test"], capsys)
+  # the configured split gives the same figures as its files, reading that split alone: a
+  # corpus folder with only the test files will do
+  only_test, alone = tmp_path / "only_test", str(tmp_path / "alone")
+  only_test.mkdir()
+  for name in ("test.en", "test.fr"):
+    shutil.copy(os.path.join(toy_corpus, name), only_test)
+  shutil.copytree(workdir, alone)
+  config_path = os.path.join(alone, "config.json")
+  c.save_json(c.override(c.load_json(config_path), {"data.path": str(only_test)}), config_path)
+  rc, stdout, err = run(evaluate, ["--workdir", alone, "--split", "test"], capsys)
+  assert rc == 0, err
   split = json.loads(stdout)
   for key in ("bleu", "bleu_tok", "perplexity", "sentences"):
     assert split[key] == pytest.approx(res[key], rel=1e-6)

@@ -87,10 +87,11 @@ CASES = {  # module -> its arguments (ctx fields in braces)
     "benchmarks.layers": _case("--layers", "1", "--softmax", "1", "--hidden", "8", "--vocab",
                                "20", "--batch", "8", "--length", "4", "--steps", "1",
                                "--warmup", "1"),
-    # --malloc system: the default re-executes the process with glibc's huge-page tunables
-    "benchmarks.compare": _case("--config", "tiny", "--dtype", "float32", "--skip-torch",
-                                "--torch-threads", "1", "--malloc", "system"),
-    "benchmarks.parts": _case("--config", "tiny", "--dtype", "float32", "--reps", "1"),
+    "benchmarks.compare": None,  # tests/test_benchmarks.py runs it on the tiny config
+    "benchmarks.host": _case("--batch", "8", "--steps", "50", "--rounds", "1", "--pairs", "100"),
+    # the rehearsal of gpu.sh's LSTM step (its train step runs a subprocess: test_benchmarks)
+    "benchmarks.gpu": _case("lstm", "--tiny", "--allow-cpu", "--reps", "1", "--out", "{tmp}/gpu"),
+    "benchmarks.parts": None,  # tests/test_benchmarks.py runs it on the tiny config
 }
 
 

@@ -165,7 +165,8 @@ def test_checkpoints_move_between_device_counts(tmp_path, batches):
                              run_steps(None, batches[2:4], state=single)[0], rtol=1e-5)
 
 
-def test_train_resumes_on_another_device_count(tmp_path):
+@pytest.mark.parametrize("kernels", ["auto", "plain"])  # plain: the path GPUs and TPUs run
+def test_train_resumes_on_another_device_count(tmp_path, kernels):
   # 1-3 words per sentence (one padded length: one compiled shape per layout), w3 -> f3.
   corpus, rng = tmp_path / "corpus", np.random.default_rng(3)
   corpus.mkdir()
@@ -179,7 +180,7 @@ def test_train_resumes_on_another_device_count(tmp_path):
       "data.bucket_width": 4,
       "data.max_eval_sentences": 16, "train.batch_size": 16, "train.eval_batch_size": 16,
       "train.num_steps": 3, "train.eval_every": 0, "train.log_every": 1,
-      "optim.schedule": "constant", "optim.learning_rate": 0.5})
+      "optim.schedule": "constant", "optim.learning_rate": 0.5, "model.kernels": kernels})
   workdir = str(tmp_path / "run")
   first = train.train(cfg, workdir, progress=False)  # 8 devices (parallel.data=-1)
   assert first["step"] == 3

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import corpora, write_toy_corpus
+from s2s_jax import train
 from s2s_jax.config import DataConfig
 from s2s_jax.data import pipeline, prepared, sources, tokenize
 from s2s_jax.data.sources import DataError
@@ -63,9 +64,37 @@ def test_arrays_and_lists_give_the_same_batches_resume_and_padding(corpus):
     np.testing.assert_array_equal(x["src"], y["src"])
 
 
+def reference_batch(examples, idx, batch_size, length, rows=slice(None)):
+  """A batch filled row by row from the examples (what the vectorised batches must equal)."""
+  batch = {k: np.zeros((batch_size, length), np.int32) for k in ("src", "tgt")}
+  lo, hi, _ = rows.indices(batch_size)
+  for r in range(lo, min(hi, len(idx))):
+    for k, ids in zip(("src", "tgt"), examples[int(idx[r])]):
+      batch[k][r, :len(ids)] = ids
+  return batch
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_vectorised_batches_equal_row_by_row_ones(corpus, reverse):
+  c, _ = corpus
+  arrays = c.examples["train"]
+  arrays = pipeline.Examples(arrays.split, arrays.rows, arrays.lookups, reverse)
+  lists = list(arrays)
+  rng = np.random.default_rng(0)
+  for n, rows in ((16, slice(None)), (16, slice(4, 12)), (11, slice(None)), (16, slice(8, 16)),
+                  (3, slice(8, 16)), (0, slice(None))):
+    idx = rng.choice(len(arrays), n, replace=False)
+    length = max([pipeline.example_length(lists[i]) for i in idx], default=1) + 2
+    want = reference_batch(lists, idx, 16, length, rows)
+    for got in (arrays.batch(idx, 16, length, rows), pipeline.batch_of(lists, idx, 16, length,
+                                                                        rows)):
+      for k in ("src", "tgt"):
+        assert got[k].dtype == np.int32
+        np.testing.assert_array_equal(got[k], want[k])
+
+
 def test_a_host_fills_only_its_rows_and_counts_the_words_of_all(corpus):
   """words/s counts the words of every process: each knows the whole batch's lengths."""
-  from s2s_jax import train
   c, _ = corpus
   for examples in (c.examples["train"], list(c.examples["train"])):
     full = next(pipeline.BatchIterator(examples, 16, 2, seed=0))

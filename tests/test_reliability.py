@@ -438,12 +438,14 @@ def _checkpoint_integrity(workdir: str, step: int) -> dict:
   return {k: v for k, v in leaves.items() if not k.startswith("['step']")}
 
 
-def test_poisoned_batch_is_skipped_exactly(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("kernels", ["auto", "plain"])  # plain: the path GPUs and TPUs run
+def test_poisoned_batch_is_skipped_exactly(tmp_path, monkeypatch, caplog, kernels):
   """Two batches whose loss overflows float32 change nothing: the result equals a run that
   never saw them."""
   corpus, poison_id = _poisoned_corpus(str(tmp_path / "corpus"), {4, 5})
   _plant_bias(monkeypatch, poison_id)
-  cfg = _tiny(corpus, num_steps=12, checkpoint_every=0, log_every=4)
+  cfg = config_lib.override(_tiny(corpus, num_steps=12, checkpoint_every=0, log_every=4),
+                            {"model.kernels": kernels})
   with caplog.at_level(logging.WARNING):
     train.train(cfg, str(tmp_path / "poisoned"), progress=False)
   assert "step 4: non-finite loss or gradient; update skipped (epoch 0, batch 3)" in caplog.text
@@ -456,8 +458,8 @@ def test_poisoned_batch_is_skipped_exactly(tmp_path, monkeypatch, caplog):
 
   with monkeypatch.context() as m:
     _skip_batches(m, {4, 5})
-    train.train(_tiny(corpus, num_steps=10, checkpoint_every=0, log_every=4),
-                str(tmp_path / "clean"), progress=False)
+    train.train(config_lib.override(cfg, {"train.num_steps": 10}), str(tmp_path / "clean"),
+                progress=False)
   # Params and optimizer state; the schedule's step count follows the steps, skipped ones too.
   without_count = lambda leaves: {k: v for k, v in leaves.items() if not k.endswith(".count")}
   assert (without_count(_checkpoint_integrity(str(tmp_path / "poisoned"), 12))
@@ -481,13 +483,11 @@ def test_too_many_bad_steps_stop_the_cli_with_one_line(tmp_path, monkeypatch, ca
   assert "Traceback" not in err
   for step, batch in ((4, 3), (5, 4), (6, 5)):
     assert f"step {step}: non-finite loss or gradient; update skipped (epoch 0, batch {batch})" in err
-  # Checkpoints are finite and hold the last good state: steps 4 and 6 equal step 3's result.
+  # Checkpoints are finite and hold the last good state (step 4's is step 3's result); the
+  # flags are checked before each save, so the third bad step stops the run before step 6's.
   mngr = checkpoint.manager(workdir, read_only=True)
-  assert sorted(mngr.all_steps()) == [2, 4, 6]
+  assert sorted(mngr.all_steps()) == [2, 4]
   assert _checkpoint_integrity(workdir, 4) != _checkpoint_integrity(workdir, 2)
-  p4 = {k: v for k, v in _checkpoint_integrity(workdir, 4).items() if k.startswith("['params']")}
-  p6 = {k: v for k, v in _checkpoint_integrity(workdir, 6).items() if k.startswith("['params']")}
-  assert p4 == p6
 
 
 # --------------------------------------------------------------------- bad input, CLI level

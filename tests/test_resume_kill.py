@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from conftest import write_toy_corpus
-from s2s_jax import checkpoint
+from experiments import quickstart
+from s2s_jax import checkpoint, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The quickstart's command line, which SIGKILLs itself where KILL_AT=<point>:<step> says:
@@ -66,9 +67,11 @@ def _env(cache: str, kill_at: str | None) -> dict:
   return env
 
 
-def _run(workdir: str, corpus: str, cache: str, log: str, kill_at: str | None = None) -> int:
+def _run(workdir: str, corpus: str, cache: str, log: str, kill_at: str | None = None,
+         extra: tuple[str, ...] = ()) -> int:
   """Runs the CLI to its end (or its kill); returns its exit status (-9 when killed)."""
-  cmd = [sys.executable, "-c", ENTRY, "--workdir", workdir, f"--data.path={corpus}", *FLAGS]
+  cmd = [sys.executable, "-c", ENTRY, "--workdir", workdir, f"--data.path={corpus}", *FLAGS,
+         *extra]
   with open(log, "w") as err:
     return subprocess.run(cmd, cwd=REPO, env=_env(cache, kill_at), stdout=subprocess.DEVNULL,
                           stderr=err, timeout=300).returncode
@@ -154,3 +157,25 @@ def test_sigkill_three_times_then_bit_identical(tmp_path):
   # The metrics log reads as if never interrupted: records past a restored step were dropped.
   assert _metrics(run) == _metrics(ref)
   assert [r["step"] for r in _metrics(ref) if r["kind"] == "train"] == [10, 20, 30, 40, 50, 60]
+
+
+def test_sigkill_with_plain_kernels_then_bit_identical(tmp_path):
+  """model.kernels=plain, the path GPUs and TPUs run: killed right after a checkpoint commits,
+  restarted, and bit-identical at the end to the same run trained without interruption."""
+  corpus = write_toy_corpus(str(tmp_path / "corpus"))
+  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's: what the reference compiled
+  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+  extra = ("--model.kernels=plain", "--parallel.data=1")
+  argv = ["--workdir", ref, f"--data.path={corpus}", *FLAGS, *extra]
+  assert train.main(quickstart.config(), argv) == 0  # the reference, in this process
+  logs = [str(tmp_path / f"run{i}.log") for i in (1, 2)]
+  assert _run(run, corpus, cache, logs[0], "commit:30", extra) == -signal.SIGKILL
+  assert _committed(run) == {10, 20, 30}
+  assert _run(run, corpus, cache, logs[1], None, extra) == 0, open(logs[1]).read()[-3000:]
+  assert "resumed from checkpoint at step 30 " in open(logs[1]).read()
+  (ref_params, ref_integrity), (run_params, run_integrity) = _final_state(ref), _final_state(run)
+  for a, b in zip(jax.tree_util.tree_leaves(ref_params), jax.tree_util.tree_leaves(run_params),
+                  strict=True):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  assert run_integrity == ref_integrity
+  assert _metrics(run) == _metrics(ref)

@@ -61,7 +61,8 @@ def test_archives_become_a_text_source_folder(tmp_path, capsys):
       f"--data.path={out} --data.tokenizer=none\n")
   assert sorted(os.listdir(out)) == [f"{s}.{lang}" for s in ("test", "train", "valid")
                                      for lang in ("en", "fr")]  # nothing else left behind
-  assert sources.read_text_corpus(out, "en", "fr") == expected()
+  assert {split: sources.read_text_pair(out, split, "en", "fr")
+          for split in sources.SPLITS} == expected()
   with open(os.path.join(out, "train.fr"), encoding="utf-8") as f:
     assert f.read() == "".join(line + "\n" for _, line in expected()["train"])
 

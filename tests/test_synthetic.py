@@ -14,6 +14,7 @@ from s2s_jax.data.synthetic import (
     Clause,
     analysis_phrases,
     generate_pairs,
+    make_split,
     make_splits,
     realize,
     translate_phrase,
@@ -348,6 +349,9 @@ def test_splits():
     s2 = make_splits(1000, 300, 400, seed=5)
     assert s2["test"] == s["test"] and s2["valid"] == s["valid"]
     assert set(s2["train"]) <= set(s["train"])
+    # one split alone is the same as in the whole draw
+    for k in s:
+        assert make_split(k, 3000, 300, 400, seed=5) == s[k]
 
 
 def test_length_distribution(corpus):

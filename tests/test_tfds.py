@@ -70,9 +70,14 @@ def cfg(**kw):
   return DataConfig(**{"source": "tfds", "tokenizer": "none", **kw})
 
 
+def read_all(c):
+  """{split: raw pairs}, each split read on its own (`sources.read_split`)."""
+  return {split: sources.read_split(c, split) for split in sources.SPLITS}
+
+
 def test_mock_data_runs_through_the_whole_pipeline(tmp_path, online):
   with tfds.testing.mock_data(num_examples=9):
-    pairs = sources.load_pairs(cfg(tfds_data_dir=str(tmp_path)))
+    pairs = read_all(cfg(tfds_data_dir=str(tmp_path)))
     corpus = pipeline.load_corpus(cfg(tfds_data_dir=str(tmp_path)), str(tmp_path / "wd"))
   assert {split: len(p) for split, p in pairs.items()} == {"train": 9, "valid": 9, "test": 9}
   src, tgt = pairs["train"][0]
@@ -83,7 +88,7 @@ def test_mock_data_runs_through_the_whole_pipeline(tmp_path, online):
 
 def test_mock_data_checks_the_languages(online):
   with tfds.testing.mock_data(num_examples=2), pytest.raises(DataError) as e:
-    sources.load_pairs(cfg(src_lang="de"))
+    read_all(cfg(src_lang="de"))
   assert str(e.value) == ("TFDS dataset wmt14_translate/fr-en has the languages en, fr, not 'de' "
                           "(data.src_lang / data.tgt_lang)")
 
@@ -100,7 +105,7 @@ WMT14_URLS = ["http://data.statmt.org/wmt19/translation-task/dev.tgz",
 def test_data_that_is_not_there_fails_at_once_saying_what_to_download(tmp_path, no_prepare,
                                                                       offline, download):
   with pytest.raises(DataError) as e:
-    sources.load_pairs(cfg(tfds_data_dir=str(tmp_path), download=download))
+    read_all(cfg(tfds_data_dir=str(tmp_path), download=download))
   msg = str(e.value)
   assert "\n" not in msg
   why = ("cannot be downloaded from here (www.statmt.org:80: Name or service not known)"
@@ -112,7 +117,7 @@ def test_data_that_is_not_there_fails_at_once_saying_what_to_download(tmp_path, 
   assert "--data.tfds_manual_dir=FOLDER" in msg and "--data.source=text" in msg
   assert offline.asked == ([WMT14_URLS] if download else [])  # the hosts of all six archives
   with pytest.raises(DataError, match="Dataset no_such_dataset not found"):
-    sources.load_pairs(cfg(tfds_name="no_such_dataset/x", tfds_data_dir=str(tmp_path)))
+    read_all(cfg(tfds_name="no_such_dataset/x", tfds_data_dir=str(tmp_path)))
 
 
 def test_manual_dir_with_missing_archives_lists_them_and_downloads_nothing(tmp_path, no_prepare):
@@ -120,7 +125,7 @@ def test_manual_dir_with_missing_archives_lists_them_and_downloads_nothing(tmp_p
   manual.mkdir()
   (manual / "dev.tgz").write_bytes(b"")
   with pytest.raises(DataError) as e:
-    sources.load_pairs(cfg(tfds_data_dir=str(tmp_path / "d"), tfds_manual_dir=str(manual)))
+    read_all(cfg(tfds_data_dir=str(tmp_path / "d"), tfds_manual_dir=str(manual)))
   msg = str(e.value)
   assert msg.startswith(f"{manual}: 5 of the 6 files wmt14_translate/fr-en is built from are "
                         "missing (nothing is downloaded): training-parallel-europarl-v7.tgz "
@@ -128,7 +133,7 @@ def test_manual_dir_with_missing_archives_lists_them_and_downloads_nothing(tmp_p
   assert "training-giga-fren.tar (http://www.statmt.org/wmt10/training-giga-fren.tar)" in msg
   assert "dev.tgz" not in msg
   with pytest.raises(DataError, match="folder not found"):
-    sources.load_pairs(cfg(tfds_data_dir=str(tmp_path / "d"), tfds_manual_dir=str(tmp_path / "x")))
+    read_all(cfg(tfds_data_dir=str(tmp_path / "d"), tfds_manual_dir=str(tmp_path / "x")))
 
 
 # ----------------------------------------------------------------------------- manual-dir route
@@ -190,14 +195,14 @@ def expected_pairs():
 def test_manual_dir_builds_wmt14_with_the_real_builder_and_reads_it_back(tmp_path, unregistered):
   manual, data = str(tmp_path / "manual"), str(tmp_path / "data")
   write_wmt14_archives(manual)
-  built = sources.load_pairs(cfg(tfds_data_dir=data, tfds_manual_dir=manual))
+  built = read_all(cfg(tfds_data_dir=data, tfds_manual_dir=manual))
   assert {split: sorted(p) for split, p in built.items()} == expected_pairs()
   variant = os.path.join(data, "wmt14_translate", "fr-en", "1.0.0")
   assert any(n.startswith("wmt14_translate-train.array_record") for n in os.listdir(variant))
   # prepared once: later runs read the array_record files (no manual dir, nothing rebuilt)
-  again = sources.load_pairs(cfg(tfds_data_dir=data))
+  again = read_all(cfg(tfds_data_dir=data))
   assert again == built
-  swapped = sources.load_pairs(cfg(tfds_data_dir=data, src_lang="fr", tgt_lang="en"))
+  swapped = read_all(cfg(tfds_data_dir=data, src_lang="fr", tgt_lang="en"))
   assert swapped["test"] == [(t, s) for s, t in built["test"]]
 
 
@@ -210,7 +215,7 @@ def test_a_registered_checksum_that_does_not_match_is_an_error(tmp_path, unregis
   manual = str(tmp_path / "manual")
   write_wmt14_archives(manual)
   with pytest.raises(DataError) as e:
-    sources.load_pairs(cfg(tfds_data_dir=str(tmp_path / "data"), tfds_manual_dir=manual))
+    read_all(cfg(tfds_data_dir=str(tmp_path / "data"), tfds_manual_dir=manual))
   assert str(e.value).startswith(f"preparing wmt14_translate/fr-en from {manual} failed: "
                                  "NonMatchingChecksumError")
 
@@ -239,7 +244,7 @@ def fake_downloads(monkeypatch, tmp_path, online):
 def test_download_builds_wmt14_with_tfds_and_reads_it_back(tmp_path, unregistered, fake_downloads,
                                                            online):
   data = str(tmp_path / "data")
-  built = sources.load_pairs(cfg(tfds_data_dir=data))
+  built = read_all(cfg(tfds_data_dir=data))
   assert {split: sorted(p) for split, p in built.items()} == expected_pairs()
   assert sorted(fake_downloads) == WMT14_URLS and online.asked == [WMT14_URLS]
   variant = os.path.join(data, "wmt14_translate", "fr-en", "1.0.0")
@@ -248,8 +253,8 @@ def test_download_builds_wmt14_with_tfds_and_reads_it_back(tmp_path, unregistere
   assert sorted(n.split(".", 1)[0] for n in extracted) == ["TAR"] + ["TAR_GZ"] * 5
   # prepared once: later runs read the array_record files, downloading nothing
   fake_downloads.clear()
-  assert sources.load_pairs(cfg(tfds_data_dir=data, download=False)) == built
-  assert sources.load_pairs(cfg(tfds_data_dir=data)) == built
+  assert read_all(cfg(tfds_data_dir=data, download=False)) == built
+  assert read_all(cfg(tfds_data_dir=data)) == built
   assert fake_downloads == [] and len(online.asked) == 1
 
 
@@ -261,7 +266,7 @@ def test_a_download_that_does_not_match_its_registered_checksum_is_an_error(
   monkeypatch.setattr(checksums, "get_all_url_infos", lambda: {url: wrong})
   data = str(tmp_path / "data")
   with pytest.raises(DataError) as e:
-    sources.load_pairs(cfg(tfds_data_dir=data))
+    read_all(cfg(tfds_data_dir=data))
   assert str(e.value).startswith(
       f"downloading and preparing wmt14_translate/fr-en in {data}/wmt14_translate/fr-en/1.0.0 "
       f"failed: NonMatchingChecksumError: Artifact {url}, downloaded to ")
@@ -284,9 +289,9 @@ def test_one_process_downloads_while_the_others_wait(tmp_path, unregistered, fak
   monkeypatch.setattr(sources, "tfds_builder",
                       lambda c: events.append(("open", rank[0])) or builder(c))
   data = str(tmp_path / "data")
-  first = sources.load_pairs(cfg(tfds_data_dir=data))
+  first = sources.read_split(cfg(tfds_data_dir=data), "train")
   rank[0] = 1
-  assert sources.load_pairs(cfg(tfds_data_dir=data)) == first
+  assert sources.read_split(cfg(tfds_data_dir=data), "train") == first
   assert events == [("open", 0), ("barrier", 0, 6), ("barrier", 1, 6), ("open", 1)]
   assert sorted(fake_downloads) == WMT14_URLS
 
@@ -295,7 +300,7 @@ def test_tfrecord_data_without_tensorflow_says_how_to_read_it(tmp_path, unregist
                                                               monkeypatch):
   manual, data = str(tmp_path / "manual"), str(tmp_path / "data")
   write_wmt14_archives(manual)
-  sources.load_pairs(cfg(tfds_data_dir=data, tfds_manual_dir=manual))
+  read_all(cfg(tfds_data_dir=data, tfds_manual_dir=manual))
   info_path = os.path.join(data, "wmt14_translate", "fr-en", "1.0.0", "dataset_info.json")
   with open(info_path) as f:
     info = json.load(f)
@@ -304,7 +309,7 @@ def test_tfrecord_data_without_tensorflow_says_how_to_read_it(tmp_path, unregist
     json.dump(info, f)
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # import tensorflow -> ImportError
   with pytest.raises(DataError) as e:
-    sources.load_pairs(cfg(tfds_data_dir=data))
+    read_all(cfg(tfds_data_dir=data))
   assert str(e.value) == (f"{data}/wmt14_translate/fr-en/1.0.0: wmt14_translate/fr-en was "
                           "prepared as tfrecord, which only TensorFlow can read: pip install "
                           "tensorflow-cpu, or prepare it again with file_format='array_record' "

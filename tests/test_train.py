@@ -3,6 +3,7 @@ the compute dtype fixed when a run starts."""
 
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -73,9 +74,11 @@ def test_training_halves_validation_perplexity(toy_corpus, tmp_path):
       list(zip([0, 150, 300], ppls))
 
 
-@pytest.mark.parametrize("switches", [{}, {"model.dropout": 0.3, "model.attention": "dot"}])
+@pytest.mark.parametrize("switches", [{}, {"model.kernels": "plain"},
+                                      {"model.dropout": 0.3, "model.attention": "dot"}])
 def test_interrupted_run_resumes_to_identical_parameters(toy_corpus, tmp_path, switches):
-  """Also with dropout: its masks come from train.seed and the step, so a resume redraws them."""
+  """Also under the plain kernels (the path GPUs and TPUs run) and with dropout: its masks
+  come from train.seed and the step, so a resume redraws them."""
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
   base = {"train.eval_every": 0, "train.checkpoint_every": 7, **switches}
   train.train(tiny_config(toy_corpus, **base, **{"train.num_steps": 30}), full, progress=False)
@@ -85,6 +88,41 @@ def test_interrupted_run_resumes_to_identical_parameters(toy_corpus, tmp_path, s
   (pa, sa), (pb, sb) = final_params(full), final_params(part)
   assert sa == sb == 30
   for a, b in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+    np.testing.assert_array_equal(a, b)
+
+
+def signal_at(monkeypatch, at_step, signum):
+  """Makes `train.train` send this process the real signal `signum` after step `at_step`."""
+  original = train.train
+
+  def with_signal(cfg, workdir, progress=True, hooks=()):
+    send = lambda t: os.kill(os.getpid(), signum) if t.step == at_step else None
+    return original(cfg, workdir, progress, [*hooks, (send, 1)])
+
+  monkeypatch.setattr(train, "train", with_signal)
+
+
+def test_a_signal_saves_exits_128_plus_its_number_and_the_rerun_resumes_exactly(
+    toy_corpus, tmp_path, monkeypatch, capsys):
+  argv = lambda workdir: ["--workdir", workdir] + [f"--{k}={v}" for k, v in TINY.items()] + [
+      f"--data.path={toy_corpus}", "--model.kernels=plain", "--train.num_steps=12",
+      "--train.eval_every=0", "--train.checkpoint_every=0"]
+  full, run = str(tmp_path / "full"), str(tmp_path / "run")
+  assert train.main(c.Config(), argv(full)) == 0
+  saved = []
+  for at_step, signum in ((5, signal.SIGTERM), (9, signal.SIGINT)):
+    with monkeypatch.context() as m:
+      signal_at(m, at_step, signum)
+      assert train.main(c.Config(), argv(run)) == 128 + signum
+    # stopped after that very step, with a checkpoint of it; the result line says so
+    saved.append(at_step)
+    assert sorted(checkpoint.manager(run, read_only=True).all_steps()) == saved
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == {"step": at_step, "interrupted_by_signal": signum}
+  assert train.main(c.Config(), argv(run)) == 0
+  (pa, sa), (pb, sb) = final_params(full), final_params(run)
+  assert sa == sb == 12
+  for a, b in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb), strict=True):
     np.testing.assert_array_equal(a, b)
 
 

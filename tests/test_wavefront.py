@@ -165,7 +165,8 @@ def test_checkpoints_restore_across_layouts(tmp_path, paper_run):
   np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5)
 
 
-def test_train_under_layers_then_resume_under_mesh(tmp_path):
+@pytest.mark.parametrize("kernels", ["auto", "plain"])  # plain: the path GPUs and TPUs run
+def test_train_under_layers_then_resume_under_mesh(tmp_path, kernels):
   corpus, rng = tmp_path / "corpus", np.random.default_rng(3)
   corpus.mkdir()
   for split, n in (("train", 64), ("valid", 8), ("test", 8)):
@@ -178,7 +179,8 @@ def test_train_under_layers_then_resume_under_mesh(tmp_path):
       "data.bucket_width": 4, "data.tgt_vocab_size": 12,  # 12 words + 4 specials: 16 ids
       "train.batch_size": 8, "train.eval_batch_size": 8, "train.num_steps": 2,
       "train.eval_every": 0, "train.log_every": 1, "optim.schedule": "constant",
-      "optim.learning_rate": 0.5, "parallel.strategy": "layers", "parallel.model": 2})
+      "optim.learning_rate": 0.5, "parallel.strategy": "layers", "parallel.model": 2,
+      "model.kernels": kernels})
   workdir = str(tmp_path / "run")
   first = train.train(cfg, workdir, progress=False)  # 2 layers + 2 softmax, data 2
   assert first["step"] == 2 and np.isfinite(first["valid_ppl"])

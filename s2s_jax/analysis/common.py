@@ -34,10 +34,10 @@ def eval_sentences(cfg: Config, split: str = "test", src: str | None = None,
                        "one reference per source line is needed")
     name = src
   else:
-    pairs = sources.load_pairs(cfg.data)
-    if split not in pairs:
-      raise ValueError(f"--split must be one of {', '.join(pairs)}, got {split!r}")
-    srcs, refs = [s for s, _ in pairs[split]], [t for _, t in pairs[split]]
+    if split not in sources.SPLITS:
+      raise ValueError(f"--split must be one of {', '.join(sources.SPLITS)}, got {split!r}")
+    pairs = sources.read_split(cfg.data, split)  # that split alone
+    srcs, refs = [s for s, _ in pairs], [t for _, t in pairs]
     name = f"{cfg.data.source} {split}"
   keep = [i for i, s in enumerate(srcs) if s.strip()]
   if max_sentences > 0:

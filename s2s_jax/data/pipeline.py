@@ -32,12 +32,15 @@ import collections.abc
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import logging
 import math
 import os
+import queue
 import shutil
+import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -140,16 +143,23 @@ class Examples(_Rows):
   def batch(self, idx: Sequence[int], batch_size: int, length: int,
             rows: slice = slice(None)) -> dict[str, np.ndarray]:
     """`make_batch` of the examples `idx`, filling only the batch rows `rows` (the others stay
-    padding: a host reads only the sentences of the rows its devices get)."""
-    src = np.full((batch_size, length), PAD_ID, np.int32)
-    tgt = np.full((batch_size, length), PAD_ID, np.int32)
+    padding: a host reads only the sentences of the rows its devices get). Vectorised: the
+    ids of all its sentences are gathered, mapped and scattered at once; a DataError naming
+    the file when the store holds an id beyond its token table."""
     lo, hi, _ = rows.indices(batch_size)
-    for r in range(lo, min(hi, len(idx))):
-      s, t = self.arrays(int(self.rows[idx[r]]))
-      src[r, :len(s)] = s
-      tgt[r, :len(t)] = t
-      tgt[r, len(t)] = EOS_ID
-    return {"src": src, "tgt": tgt}
+    hi = max(lo, min(hi, len(idx)))
+    corpus_rows = self.rows[np.asarray(idx[lo:hi], np.int64)]
+    batch = {}
+    for name, side, reverse in (("src", 0, self.reverse_source), ("tgt", 1, False)):
+      ids, lengths, within = self.split.gather(side, corpus_rows, reverse)
+      table = self.lookups[side]
+      if len(ids) and int(ids.max()) >= len(table):
+        bad = np.repeat(corpus_rows, lengths)[int(np.argmax(ids >= len(table)))]
+        raise self.split.out_of_table(int(bad), [len(t) for t in self.lookups])
+      batch[name] = np.full((batch_size, length), PAD_ID, np.int32)
+      _fill(batch[name], lo, lengths, table[ids], within)
+    batch["tgt"][np.arange(lo, hi), lengths] = EOS_ID  # after the target (the last side)
+    return batch
 
 
 class TokenPairs(_Rows):
@@ -353,14 +363,27 @@ def example_lengths(examples: Sequence[Example]) -> np.ndarray:
   return np.fromiter((example_length(e) for e in examples), np.int64, len(examples))
 
 
+def _fill(out: np.ndarray, first_row: int, lengths: np.ndarray, values: np.ndarray,
+          within: np.ndarray | None = None) -> None:
+  """Writes sentences into the rows of `out` from `first_row` on, each from column 0: their
+  `lengths`, their ids concatenated in `values`, and (if known) each id's position `within`
+  its sentence."""
+  if within is None:
+    within = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+  starts = np.arange(first_row, first_row + len(lengths)) * out.shape[1]
+  out.reshape(-1)[np.repeat(starts, lengths) + within] = values
+
+
 def make_batch(examples: Sequence[Example], batch_size: int, length: int) -> dict[str, np.ndarray]:
   """A BxL batch; rows past len(examples) are all padding (they add nothing to the loss)."""
-  src = np.full((batch_size, length), PAD_ID, np.int32)
-  tgt = np.full((batch_size, length), PAD_ID, np.int32)
-  for i, (s, t) in enumerate(examples):
-    src[i, :len(s)] = s
-    tgt[i, :len(t)] = t
-  return {"src": src, "tgt": tgt}
+  batch = {}
+  for name, side in (("src", 0), ("tgt", 1)):
+    lengths = np.fromiter((len(ex[side]) for ex in examples), np.int64, len(examples))
+    values = np.fromiter(itertools.chain.from_iterable(ex[side] for ex in examples), np.int64,
+                         int(lengths.sum()))
+    batch[name] = np.full((batch_size, length), PAD_ID, np.int32)
+    _fill(batch[name], 0, lengths, values)
+  return batch
 
 
 def batch_of(examples: Sequence[Example], idx: Sequence[int], batch_size: int, length: int,
@@ -516,6 +539,90 @@ class BatchIterator:
     self.index += 1
     self.last_words = _num_tokens(self.examples, idx) - len(idx)  # no </s>
     return batch_of(self.examples, idx, self.batch_size, length, self.rows)
+
+
+class Prefetcher:
+  """The batches of a `BatchIterator` made ahead on a background thread: each is passed
+  through `prepare` there (the training loop counts its words and places it on the devices),
+  handed over `chunk` at a time (one thread switch per chunk, not per batch), at most `depth`
+  chunks waiting, so the next step's batch is ready when the current step is queued.
+
+  The batches, their order and `restore` are the iterator's; `epoch`, `index` and `state()`
+  are its position after the batches handed out so far (not the ones made ahead), so a
+  checkpoint resumes exactly after the last batch trained on. An error of the iterator or of
+  `prepare` is raised by the `next` that would have returned that batch.
+  """
+
+  def __init__(self, batches: BatchIterator, prepare: Callable[[dict[str, np.ndarray]], Any],
+               depth: int = 2, chunk: int = 4):
+    self.batches, self.prepare, self.depth, self.chunk = batches, prepare, depth, chunk
+    self.epoch, self.index = batches.epoch, batches.index
+    self._ready: collections.deque = collections.deque()  # handed over, not yet returned
+    self._queue: queue.Queue | None = None
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._ahead = False  # the iterator is past `state()` (batches made ahead were dropped)
+
+  @property
+  def batches_per_epoch(self) -> int:
+    return self.batches.batches_per_epoch
+
+  def _work(self, out: queue.Queue, stop: threading.Event) -> None:
+    failed = False
+    while not stop.is_set() and not failed:
+      items = []
+      while len(items) < self.chunk and not failed:
+        try:
+          batch = next(self.batches)
+          items.append((True, (self.prepare(batch), self.batches.epoch, self.batches.index)))
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which raises it
+          items.append((False, e))
+          failed = True
+      while not stop.is_set():
+        try:
+          out.put(items, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+
+  def __iter__(self) -> Prefetcher:
+    return self
+
+  def __next__(self) -> Any:
+    if self._thread is None:
+      if self._ahead:
+        self.batches.restore(self.state())
+        self._ahead = False
+      self._queue, self._stop = queue.Queue(self.depth), threading.Event()
+      self._thread = threading.Thread(target=self._work, args=(self._queue, self._stop),
+                                      name="batch-prefetch", daemon=True)
+      self._thread.start()
+    if not self._ready:
+      self._ready.extend(self._queue.get())
+    ok, payload = self._ready.popleft()
+    if not ok:
+      self.close()
+      raise payload
+    value, self.epoch, self.index = payload
+    return value
+
+  def state(self) -> dict[str, int]:
+    return {**self.batches.state(), "epoch": self.epoch, "index": self.index}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    self.close()
+    self.batches.restore(state)
+    self.epoch, self.index, self._ahead = self.batches.epoch, self.batches.index, False
+
+  def close(self) -> None:
+    """Stops the background thread; the batches it made ahead are dropped, and a later `next`
+    continues from `state()`."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._thread, self._ahead = None, True
+    self._ready.clear()
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, bucket_width: int,

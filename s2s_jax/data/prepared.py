@@ -95,13 +95,25 @@ class SplitIds:
     off = self.offsets[side]
     return self.ids[side][off[i]:off[i + 1]]
 
+  def gather(self, side: int, rows: np.ndarray,
+             reverse: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids of the sentences `rows`, concatenated, each reversed if `reverse`; their lengths;
+    the position of each id within its sentence)."""
+    off = self.offsets[side]
+    rows = np.asarray(rows, np.int64)
+    starts = off[rows]
+    lengths = off[rows + 1] - starts
+    firsts = np.cumsum(lengths) - lengths  # where each sentence starts among the gathered ids
+    within = np.arange(int(lengths.sum())) - np.repeat(firsts, lengths)
+    if reverse:
+      positions = np.repeat(starts + lengths - 1, lengths) - within
+    else:
+      positions = np.repeat(starts, lengths) + within
+    return self.ids[side][positions], lengths, within
+
   def dropped_counts(self, side: int, size: int, drop: np.ndarray) -> np.ndarray:
     """Token counts (by store id) over the sentences of rows `drop`."""
-    off = self.offsets[side]
-    starts, lengths = off[drop], off[np.asarray(drop) + 1] - off[drop]
-    firsts = np.cumsum(lengths) - lengths  # where each sentence starts among the gathered ids
-    positions = np.repeat(starts - firsts, lengths) + np.arange(int(lengths.sum()))
-    return np.bincount(self.ids[side][positions], minlength=size).astype(np.int64)
+    return np.bincount(self.gather(side, drop)[0], minlength=size).astype(np.int64)
 
 
 @dataclasses.dataclass
@@ -162,12 +174,13 @@ def _load_table(path: str) -> list[str]:
 
 
 def _map_ids(path: str, n: int) -> np.ndarray:
+  """The file's uint32 ids, memory-mapped (as a plain ndarray view: cheaper to index)."""
   size = os.path.getsize(path)
   if size != 4 * n:
     raise damaged(path, f"{size} bytes, not the {4 * n} of {n} token ids")
   if n == 0:
     return np.zeros(0, np.uint32)
-  return np.memmap(path, np.uint32, "r", shape=(n,))
+  return np.memmap(path, np.uint32, "r", shape=(n,)).view(np.ndarray)
 
 
 def open_prepared(folder: str) -> Prepared:
@@ -225,7 +238,7 @@ def _load_array(path: str, size: int) -> np.ndarray:
 
 def _load_offsets(path: str, pairs: int, tokens: int) -> np.ndarray:
   """A split's sentence offsets, memory-mapped: pairs + 1 of them, from 0 to `tokens`."""
-  offsets = _read(path, lambda p: np.load(p, mmap_mode="r"))
+  offsets = _read(path, lambda p: np.load(p, mmap_mode="r").view(np.ndarray))
   if offsets.shape != (pairs + 1,) or offsets[0] != 0 or offsets[-1] != tokens:
     raise damaged(path, f"offsets do not fit {pairs} sentences of {tokens} tokens")
   return offsets

@@ -1,5 +1,6 @@
-"""Where sentence pairs come from. Every source returns {split: [(source, target), ...]} of raw text
-for the splits train, valid and test (surrounding whitespace stripped, nothing else changed).
+"""Where sentence pairs come from: the splits train, valid and test of raw text (surrounding
+whitespace stripped, nothing else changed), as streams read chunk by chunk (`open_streams`, for
+preparing a corpus) or one split as a list (`read_split`, for evaluating it).
 
 - synthetic: the embedded English->French grammar corpus (`s2s_jax.data.synthetic`).
 - text: a folder with {train,valid,test}.{src_lang,tgt_lang}, UTF-8, one sentence a line.
@@ -40,14 +41,22 @@ class DataError(ValueError):
   """A corpus that cannot be read; the one-line message names the file and what to do."""
 
 
-def load_pairs(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
+def read_split(cfg: DataConfig, split: str) -> list[tuple[str, str]]:
+  """The raw (source, target) pairs of one split, reading nothing of the others: only that
+  split's files or TFDS records; for synthetic, only the generator's stream up to that split
+  (the test split comes first)."""
+  if split not in SPLITS:
+    raise DataError(f"no split {split!r} in the configured corpus; splits: {', '.join(SPLITS)}")
   if cfg.source == "synthetic":
-    return synthetic.make_splits(cfg.synthetic_train, cfg.synthetic_valid, cfg.synthetic_test,
-                                 seed=cfg.synthetic_seed)
+    return synthetic.make_split(split, cfg.synthetic_train, cfg.synthetic_valid,
+                                cfg.synthetic_test, seed=cfg.synthetic_seed)
   if cfg.source == "text":
-    return read_text_corpus(cfg.path, cfg.src_lang, cfg.tgt_lang)
+    return read_text_pair(_text_folder(cfg.path, cfg.src_lang, cfg.tgt_lang), split,
+                          cfg.src_lang, cfg.tgt_lang)
   if cfg.source == "tfds":
-    return read_tfds(cfg)
+    _, records = _tfds_records(cfg, (split,))
+    return [pair for chunk in _tfds_chunks(cfg, records[split], split, TFDS_READ_CHUNK)
+            for pair in chunk]
   raise DataError(f"data.source must be synthetic, text or tfds, got {cfg.source!r}")
 
 
@@ -235,11 +244,6 @@ def read_text_pair(folder: str, split: str, src_lang: str, tgt_lang: str) -> lis
     raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
                     "a parallel corpus needs one target line per source line")
   return list(zip(src, tgt))
-
-
-def read_text_corpus(folder: str, src_lang: str, tgt_lang: str) -> dict[str, list[tuple[str, str]]]:
-  folder = _text_folder(folder, src_lang, tgt_lang)
-  return {split: read_text_pair(folder, split, src_lang, tgt_lang) for split in SPLITS}
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -568,9 +572,10 @@ def _fetch(records: Sequence, keys: list[int]) -> Sequence:
   return [records[k] for k in keys]
 
 
-def _tfds_records(cfg: DataConfig) -> tuple[Any, dict[str, Sequence]]:
-  """(builder, {our split: records}) of a prepared TFDS dataset (prepared first if need be,
-  by process 0 while the others wait; every process calls this)."""
+def _tfds_records(cfg: DataConfig,
+                  wanted: Sequence[str] = SPLITS) -> tuple[Any, dict[str, Sequence]]:
+  """(builder, {our split: records}) of the `wanted` splits of a prepared TFDS dataset
+  (prepared first if need be, by process 0 while the others wait; every process calls this)."""
   builder = devices.main_process_first(lambda: _prepared_builder(cfg))
   languages = list(getattr(builder.info.features, "languages", []) or [])
   for lang in (cfg.src_lang, cfg.tgt_lang):
@@ -579,7 +584,8 @@ def _tfds_records(cfg: DataConfig) -> tuple[Any, dict[str, Sequence]]:
                       f"not {lang!r} (data.src_lang / data.tgt_lang)")
   splits = list(builder.info.splits)
   records = {}
-  for ours, theirs in TFDS_SPLITS.items():
+  for ours in wanted:
+    theirs = TFDS_SPLITS[ours]
     if splits and theirs not in splits:
       raise DataError(f"{builder.data_dir}: {cfg.tfds_name} has the splits {', '.join(splits)}, "
                       f"not {theirs!r} (used as {ours})")
@@ -605,9 +611,3 @@ def _tfds_streams(cfg: DataConfig) -> tuple[dict[str, Stream], str]:
   streams = {s: Stream(len(r), lambda n, s=s, r=r: _tfds_chunks(cfg, r, s, n))
              for s, r in records.items()}
   return streams, ident
-
-
-def read_tfds(cfg: DataConfig) -> dict[str, list[tuple[str, str]]]:
-  _, records = _tfds_records(cfg)
-  return {split: [pair for chunk in _tfds_chunks(cfg, r, split, TFDS_READ_CHUNK)
-                  for pair in chunk] for split, r in records.items()}

@@ -63,7 +63,7 @@ What it deliberately avoids
 * English "I", "we" and "they" are rendered je/nous/ils; their participles take
   the masculine default (je suis arrive, nous sommes arrives).
 
-The public API is ``generate_pairs``, ``make_splits``, ``translate_phrase`` and
+The public API is ``generate_pairs``, ``make_splits``, ``make_split``, ``translate_phrase`` and
 ``analysis_phrases``. Everything is deterministic for a seed and uses only
 ``random.Random`` instances (never the global random state).
 """
@@ -77,6 +77,7 @@ from typing import Iterator
 __all__ = [
     "generate_pairs",
     "make_splits",
+    "make_split",
     "translate_phrase",
     "analysis_phrases",
     "Sentence",
@@ -1542,22 +1543,41 @@ def make_splits(num_train: int, num_valid: int, num_test: int, seed: int = 0) ->
     test and valid sets do not depend on ``num_train``.
     """
     total = num_train + num_valid + num_test
+    pairs = _distinct_pairs(total, total, seed)
+    return {
+        "test": pairs[:num_test],
+        "valid": pairs[num_test:num_test + num_valid],
+        "train": pairs[num_test + num_valid:],
+    }
+
+
+def make_split(split: str, num_train: int, num_valid: int, num_test: int,
+               seed: int = 0) -> list[tuple[str, str]]:
+    """``make_splits(...)[split]``, drawing only the stream up to the end of that split: the
+    test split needs only its own sentences, the valid split the test split's too."""
+    bounds = {"test": (0, num_test), "valid": (num_test, num_test + num_valid),
+              "train": (num_test + num_valid, num_test + num_valid + num_train)}
+    if split not in bounds:
+        raise ValueError(f"no split {split!r}; splits: {', '.join(bounds)}")
+    start, end = bounds[split]
+    return _distinct_pairs(end, num_train + num_valid + num_test, seed)[start:]
+
+
+def _distinct_pairs(count: int, total: int, seed: int) -> list[tuple[str, str]]:
+    """The first ``count`` pairs of the stream with an English side not seen before. The draw
+    budget is that of all ``total`` pairs, so a prefix comes out as in the whole draw."""
     seen: set[str] = set()
     pairs: list[tuple[str, str]] = []
     budget = 20 * total + 1000
     for i, (en, fr) in enumerate(_pair_stream(seed)):
-        if len(pairs) == total:
+        if len(pairs) == count:
             break
         if i >= budget:
             raise ValueError(f"could not draw {total} distinct sentences")
         if en not in seen:
             seen.add(en)
             pairs.append((en, fr))
-    return {
-        "test": pairs[:num_test],
-        "valid": pairs[num_test:num_test + num_valid],
-        "train": pairs[num_test + num_valid:],
-    }
+    return pairs
 
 
 # ---------------------------------------------------------------------------

@@ -81,10 +81,17 @@ class Strategy(abc.ABC):
     devices where each computes a share)."""
     return tree
 
+  def place_batch(self, batch: Pytree) -> Pytree:
+    """A global host batch (the same numpy batch on every process) on the devices, as the
+    compiled steps take it; each process transfers only its own rows. A placed batch is
+    returned as it is. The training loop calls this ahead, on a background thread."""
+    return batch if dev.is_placed(batch) else dev.place_batch(self.mesh, batch)
+
   def compile(self, train_step: StepFn, eval_step: StepFn) -> tuple[StepFn, StepFn]:
     """Compiles `train_step(state, batch)` (state donated) and `eval_step(params, batch)`,
     both bound to their config. The results take placed states and global host batches (the
-    same numpy batch on every process) and return replicated metrics.
+    same numpy batch on every process) or batches already placed by `place_batch`, and return
+    replicated metrics.
 
     This default jits both over the mesh, the batch split by rows over `data`, and keeps the
     new state on `shardings`."""
@@ -94,8 +101,8 @@ class Strategy(abc.ABC):
 
     j_train = jax.jit(train_keep_layout, donate_argnums=0)
     j_eval = jax.jit(eval_step)
-    return (lambda state, batch: j_train(state, dev.place_batch(self.mesh, batch)),
-            lambda params, batch: j_eval(params, dev.place_batch(self.mesh, batch)))
+    return (lambda state, batch: j_train(state, self.place_batch(batch)),
+            lambda params, batch: j_eval(params, self.place_batch(batch)))
 
   def host_rows(self, batch_size: int) -> slice:
     """The rows of a global batch that this process's devices get (all of them on one host):

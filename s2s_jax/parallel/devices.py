@@ -76,6 +76,8 @@ def place_batch(mesh: Mesh, batch: Pytree) -> Pytree:
   """A host batch (the same global numpy batch on every process) as global arrays split by
   rows over `data`; each process transfers only its own rows."""
   sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
 
   def put_rows(x):
     x = np.asarray(x)
@@ -83,6 +85,20 @@ def place_batch(mesh: Mesh, batch: Pytree) -> Pytree:
                                                   x.shape)
 
   return jax.tree_util.tree_map(put_rows, batch)
+
+
+def is_placed(tree: Pytree) -> bool:
+  """Whether every leaf is already a jax.Array (placed on devices), not host data."""
+  return all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(tree))
+
+
+def agree(value: int) -> int:
+  """The largest `value` over all processes. A collective: every process calls it at the same
+  point of the program (on one process it returns `value`)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 
 
 def to_host(tree: Pytree) -> Pytree:

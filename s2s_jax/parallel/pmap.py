@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from s2s_jax import model
 from s2s_jax.config import ConfigError, ModelConfig, ParallelConfig
@@ -75,6 +75,14 @@ class PmapStrategy(base.Strategy):
 
     return jax.tree_util.tree_map(split, batch)
 
+  def place_batch(self, batch: Pytree) -> Pytree:
+    """This process's per-device batches (`split_batch`) on its devices."""
+    if dev.is_placed(batch):
+      return batch
+    mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+    sharding = NamedSharding(Mesh(np.array(mine), (DATA,)), P(DATA))
+    return jax.device_put(self.split_batch(batch), sharding)
+
   def compile(self, train_step: base.StepFn,
               eval_step: base.StepFn) -> tuple[base.StepFn, base.StepFn]:
     devices = list(self.mesh.devices.flat)
@@ -84,10 +92,10 @@ class PmapStrategy(base.Strategy):
                       axis_name=DATA, in_axes=(None, 0), out_axes=None, devices=devices)
 
     def train_fn(state, batch):
-      state, metrics = p_train(state, self.split_batch(batch))
+      state, metrics = p_train(state, self.place_batch(batch))
       if jax.process_count() > 1:  # pmap returns process-local arrays; checkpoints need global ones
         from jax.experimental import multihost_utils
         state = multihost_utils.host_local_array_to_global_array(state, self.mesh, P())
       return state, metrics
 
-    return train_fn, lambda params, batch: p_eval(params, self.split_batch(batch))
+    return train_fn, lambda params, batch: p_eval(params, self.place_batch(batch))
