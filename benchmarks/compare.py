@@ -215,14 +215,16 @@ def matmul_peak(n: int, reps: int, with_torch: bool, device: str = "cpu") -> dic
   out = {}
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   cases = {"jax float32": (jax.jit(lambda x, y: x @ y), a),
-           "jax bfloat16": (jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)),
-                            a.astype(jnp.bfloat16))}
+           "jax bfloat16": (
+               jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)),
+               a.astype(jnp.bfloat16))}
   for name, (f, x) in cases.items():
     f(x, x).block_until_ready()
     best = min(_timed(lambda: f(x, x).block_until_ready()) for _ in range(reps))
     out[name] = 2 * n**3 / best
   if with_torch:
     import torch
+
     from benchmarks import torch_ref
     dev = torch.device(device)
     for dt in ("float32", "bfloat16"):
@@ -284,6 +286,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   `torch_device`).
   """
   import jax
+
   from s2s_jax import config as config_lib
   from s2s_jax import decode, model, optim, train
 
@@ -309,6 +312,7 @@ def build(args, shape: Shape, log: Callable) -> tuple[list[Variant], list[Varian
   outputs = {}  # (dtype, task): our first variant's (1-best ids BxT, steps), to check torch's
   if not args.skip_torch:
     import torch
+
     from benchmarks import torch_ref
     dev = torch.device(args.device)
     torch_meter = PeakRss if args.device == "cpu" else CudaPeak
@@ -496,7 +500,8 @@ def ratio_key(task: str) -> str:
 def report(train_vs: list[Variant], decode_vs: list[Variant], peak: dict[str, float]
            ) -> tuple[list[str], dict[str, float]]:
   """The table rows (markdown) and, per task, the ratio of our best to PyTorch's best."""
-  best_peak = {dt: max(v for k, v in peak.items() if k.endswith(dt)) for dt in ("float32", "bfloat16")}
+  best_peak = {dt: max(v for k, v in peak.items() if k.endswith(dt))
+               for dt in ("float32", "bfloat16")}
   lines = ["| task | variant | median ms | tokens/s or sent/s | GFLOP/s | % of peak "
            "| peak MB | ours/torch-best | note |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -587,11 +592,14 @@ def _set_f32_matmul(mode: str, with_torch: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m benchmarks.compare",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--config", choices=sorted(CONFIGS), default="small")
-  p.add_argument("--steps", type=int, default=0, help="timed train steps per variant (0 = by config)")
+  p.add_argument("--steps", type=int, default=0,
+                 help="timed train steps per variant (0 = by config)")
   p.add_argument("--warmup", type=int, default=0, help="untimed runs per variant (0 = 2, paper 1)")
-  p.add_argument("--decode-reps", type=int, default=0, help="timed decodes per variant (0 = by config)")
+  p.add_argument("--decode-reps", type=int, default=0,
+                 help="timed decodes per variant (0 = by config)")
   p.add_argument("--dtype", choices=("both", "float32", "bfloat16"), default="both")
   p.add_argument("--tasks", default="train,decode", help="comma list of train, decode")
   p.add_argument("--kernels", default="auto",
@@ -644,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
   # With JAX on a GPU, both frameworks share it: JAX takes 45% of its memory, not 75%.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
   import jax
+
   from s2s_jax import cli
   if args.cache_dir is None:
     cli.enable_compilation_cache()
@@ -651,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
   t_start = time.perf_counter()
   load0 = os.getloadavg()[0]
-  log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+  log = lambda msg: print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr,
+                          flush=True)
 
   args.backend = backend = jax.default_backend()
   args.device = "none"
@@ -719,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
   paired = {ratio_key(task): paired_ratios(train_vs + decode_vs, task) for task in tasks}
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"config": args.config, "shape": dataclasses.asdict(shape), "peak": peak, "info": info,
+      json.dump({"config": args.config, "shape": dataclasses.asdict(shape), "peak": peak,
+                 "info": info,
                  "ratios": ratios,
                  "paired": paired,
                  "rows": [

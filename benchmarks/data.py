@@ -96,6 +96,7 @@ def child(args) -> None:
 def first_step(args) -> None:
   """The paper preset's first step on the prepared corpus, in this process; prints JSON."""
   import dataclasses
+
   from experiments import wmt14
   from s2s_jax import train
   cfg = wmt14.config()
@@ -210,7 +211,8 @@ def main() -> None:
     evals.append((n, ev))
     print(f"{n:>9} {words:>10.1f} {first['seconds_corpus']:>8.1f} "
           f"{n / first['seconds_corpus']:>8.0f} {reused['seconds_corpus']:>8.2f} "
-          f"{reused['seconds_first_batch']:>11.2f} {max(first['peak_rss_mb'], reused['peak_rss_mb']):>8.0f} "
+          f"{reused['seconds_first_batch']:>11.2f} "
+          f"{max(first['peak_rss_mb'], reused['peak_rss_mb']):>8.0f} "
           f"{reused['bytes_per_token_loaded']:>8.2f} {reused['bytes_per_token_all_read']:>12.2f}"
           + (f" {step['seconds_to_first_step']:>10.1f}" if step else "")
           + (f" {ev['seconds']:>7.1f} {ev['peak_rss_mb']:>8.0f}" if ev else ""), flush=True)

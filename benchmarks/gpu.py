@@ -167,6 +167,7 @@ def median_ms(fn, *args, reps: int) -> float:
 def lstm_main(args) -> int:
   import jax
   import jax.numpy as jnp
+
   from s2s_jax import lstm
   try:
     from jax.experimental import rnn

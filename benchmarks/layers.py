@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
   import jax
   import numpy as np
+
   from s2s_jax import optim, parallel, train
   from s2s_jax.config import Config, ParallelConfig, override
 

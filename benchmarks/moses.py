@@ -35,6 +35,7 @@ def main() -> None:
   p.add_argument("--sentences", type=int, default=20000)
   args = p.parse_args()
   import sacremoses
+
   from s2s_jax.data import moses
   print(f"sacremoses {sacremoses.__version__}, {args.sentences} sentences of "
         f"{args.source or 'the embedded grammar'}")

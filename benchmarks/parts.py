@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
   sm = lambda sp, h: jnp.sum(model.target_log_probs({"softmax": sp}, h, tgt_TxB, cfg.model))
   rows.append(("softmax loss fwd+bwd", median_ms(jax.jit(jax.grad(sm, argnums=(0, 1))),
                                                  params["softmax"], h_TxBxH, reps=args.reps)))
-  rows.append(("softmax loss fwd", median_ms(jax.jit(sm), params["softmax"], h_TxBxH, reps=args.reps)))
+  rows.append(("softmax loss fwd", median_ms(jax.jit(sm), params["softmax"], h_TxBxH,
+                                             reps=args.reps)))
   dtype = model.compute_dtype(cfg.model)
   w = params["softmax"]["w"]
   h_NxH = h_TxBxH.reshape(-1, s.hidden)

@@ -53,11 +53,11 @@ class Seq2Seq(nn.Module):
       put(self.src_embed.weight, params["src_embed"])
       put(self.tgt_embed.weight, params["tgt_embed"])
       for lstm, layers in ((self.encoder, params["encoder"]), (self.decoder, params["decoder"])):
-        for l, p in enumerate(layers):
-          put(getattr(lstm, f"weight_ih_l{l}"), np.asarray(p["w_x"]).T)
-          put(getattr(lstm, f"weight_hh_l{l}"), np.asarray(p["w_h"]).T)
-          put(getattr(lstm, f"bias_ih_l{l}"), p["b"])
-          getattr(lstm, f"bias_hh_l{l}").zero_()
+        for i, p in enumerate(layers):
+          put(getattr(lstm, f"weight_ih_l{i}"), np.asarray(p["w_x"]).T)
+          put(getattr(lstm, f"weight_hh_l{i}"), np.asarray(p["w_h"]).T)
+          put(getattr(lstm, f"bias_ih_l{i}"), p["b"])
+          getattr(lstm, f"bias_hh_l{i}").zero_()
       put(self.softmax.weight, np.asarray(params["softmax"]["w"]).T)
       put(self.softmax.bias, params["softmax"]["b"])
 

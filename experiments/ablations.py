@@ -1,4 +1,4 @@
-"""Table 1 of the paper at any scale: direction, depth, beam size and ensembles, trained and measured.
+"""Table 1 of the paper at any scale: direction, depth, beam size, ensembles, trained and measured.
 
     python -m experiments.ablations --workdir DIR [--base quickstart|wmt14|<preset>]
         [--split test] [--max_sentences N] [--only GROUP,...] [--section.field=value ...]
@@ -21,7 +21,8 @@ test pairs within that length (the others measure length extrapolation), trainin
 second of search, measured on one batch decoded again after compilation; decode_s in the JSON
 is the whole decode with compilation). Results go to DIR/table1.json as each row completes and
 DIR/table1.md (with the paper's BLEU next to ours and the measured findings); a rerun skips
-finished trainings and rows. A DIR keeps one base config: a rerun with another one is refused (use a new DIR).
+finished trainings and rows. A DIR keeps one base config: a rerun with another one is refused
+(use a new DIR).
 --only base,forward,depth,beam,member,ensemble runs just those row groups (and trains only
 their models), e.g. `--only base,depth` for a depth study at a larger scale.
 """
@@ -262,7 +263,8 @@ def run(base: Config, workdir: str, *, train_fn: TrainFn = train_model,
   """
   unknown = sorted(set(only) - set(GROUPS))
   if unknown:
-    raise ConfigError(f"--only: unknown row group(s) {', '.join(unknown)}; groups: {', '.join(GROUPS)}")
+    raise ConfigError(f"--only: unknown row group(s) {', '.join(unknown)}; "
+                      f"groups: {', '.join(GROUPS)}")
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, TABLE_JSON)
   cfg_dict = _jsonable(config_lib.to_dict(base))
@@ -316,7 +318,8 @@ def run(base: Config, workdir: str, *, train_fn: TrainFn = train_model,
     if row.key in table["rows"]:
       rec = table["rows"][row.key]
       if "in_length_ppl" not in rec:
-        logging.info("row done already, adding its within-training-length perplexity: %s", row.label)
+        logging.info("row done already, adding its within-training-length perplexity: %s",
+                     row.label)
         rec.update(_jsonable(length_fn([table["models"][m]["workdir"] for m in row.models], split,
                                        max_sentences)))
         save()
@@ -361,8 +364,9 @@ def scale(cfg: Config) -> str:
   corpus = (f"embedded corpus, {d.synthetic_train:,} training pairs" if d.source == "synthetic"
             else f"{d.source} corpus {d.tfds_name if d.source == 'tfds' else d.path}")
   return (f"{m.num_layers} layers x {m.hidden_size} cells, {m.embed_size}-d embeddings, "
-          f"vocabularies {d.src_vocab_size:,}/{d.tgt_vocab_size:,}; {corpus}; batch {t.batch_size}, "
-          f"{length}, {cfg.optim.name} lr {cfg.optim.learning_rate:g} ({cfg.optim.schedule} schedule)")
+          f"vocabularies {d.src_vocab_size:,}/{d.tgt_vocab_size:,}; {corpus}; "
+          f"batch {t.batch_size}, {length}, {cfg.optim.name} lr {cfg.optim.learning_rate:g} "
+          f"({cfg.optim.schedule} schedule)")
 
 
 def findings(table: dict[str, Any], rows: Sequence[Row]) -> list[str]:
@@ -376,7 +380,8 @@ def findings(table: dict[str, Any], rows: Sequence[Row]) -> list[str]:
   a, b = got(fwd), got(base)
   if a and b:
     out.append(f"Reversed beats forward (paper: test ppl 5.8 -> 4.7, BLEU 25.9 -> 30.6): test ppl "
-               f"{a['test_ppl']:.3f} -> {b['test_ppl']:.3f}, BLEU {a['bleu']:.2f} -> {b['bleu']:.2f} "
+               f"{a['test_ppl']:.3f} -> {b['test_ppl']:.3f}, "
+               f"BLEU {a['bleu']:.2f} -> {b['bleu']:.2f} "
                f"(tokenized {a['bleu_tok']:.2f} -> {b['bleu_tok']:.2f}): perplexity "
                f"{verdict(b['test_ppl'] < a['test_ppl'])}, BLEU {verdict(b['bleu'] > a['bleu'])}")
   else:
@@ -388,10 +393,11 @@ def findings(table: dict[str, Any], rows: Sequence[Row]) -> list[str]:
     ppl = [v["test_ppl"] for _, v in vals]
     bleu = [v["bleu"] for _, v in vals]
     steps = range(len(vals) - 1)
-    change = ", ".join(f"{vals[i][0]}->{vals[i + 1][0]} layers {100 * (ppl[i + 1] / ppl[i] - 1):+.1f}%"
-                       for i in steps)
+    change = ", ".join(f"{vals[i][0]}->{vals[i + 1][0]} layers "
+                       f"{100 * (ppl[i + 1] / ppl[i] - 1):+.1f}%" for i in steps)
     out.append("Deeper beats shallower (paper: each extra layer ~10% lower perplexity): test ppl "
-               + ", ".join(f"{d} layer{'s' if d > 1 else ''} {p:.3f}" for (d, _), p in zip(vals, ppl))
+               + ", ".join(f"{d} layer{'s' if d > 1 else ''} {p:.3f}"
+                           for (d, _), p in zip(vals, ppl))
                + f" ({change}); BLEU " + ", ".join(f"{x:.2f}" for x in bleu)
                + f": perplexity {verdict(all(ppl[i + 1] < ppl[i] for i in steps))}, "
                f"BLEU {verdict(all(bleu[i + 1] > bleu[i] for i in steps))}")
@@ -400,7 +406,8 @@ def findings(table: dict[str, Any], rows: Sequence[Row]) -> list[str]:
       cfg = config_lib.from_dict(table["config"])
       out[-1] += (f". On the {vals[0][1].get('in_length_sentences')} test pairs within the "
                  f"training length (<= {cfg.data.max_len} tokens a side): test ppl "
-                 + ", ".join(f"{d} layer{'s' if d > 1 else ''} {p:.3f}" for (d, _), p in zip(vals, short))
+                 + ", ".join(f"{d} layer{'s' if d > 1 else ''} {p:.3f}"
+                             for (d, _), p in zip(vals, short))
                  + " (" + ", ".join(f"{vals[i][0]}->{vals[i + 1][0]} layers "
                                     f"{100 * (short[i + 1] / short[i] - 1):+.1f}%" for i in steps)
                  + f"): {verdict(all(short[i + 1] < short[i] for i in steps))}")
@@ -410,7 +417,8 @@ def findings(table: dict[str, Any], rows: Sequence[Row]) -> list[str]:
   beams = {r.beam_size: got(r) for r in rows if r.models == base.models}
   if all(beams.values()):
     out.append(f"Beam {BIG_BEAM} not worse than beam 1 (paper: 1 works well, 2 gives most of the "
-               "benefit): BLEU " + ", ".join(f"beam {k} {beams[k]['bleu']:.2f}" for k in sorted(beams))
+               "benefit): BLEU "
+               + ", ".join(f"beam {k} {beams[k]['bleu']:.2f}" for k in sorted(beams))
                + f": {verdict(beams[BIG_BEAM]['bleu'] >= beams[1]['bleu'])}")
   else:
     out.append("Beam size: pending")
@@ -422,11 +430,12 @@ def findings(table: dict[str, Any], rows: Sequence[Row]) -> list[str]:
     e = got(ens)
     best_bleu = max(got(r)["bleu"] for r in members)
     best_ppl = min(got(r)["test_ppl"] for r in members)
-    out.append(f"Ensemble of {len(ens.models)} (beam {BIG_BEAM}) not worse than its best member: BLEU "
-               f"{e['bleu']:.2f} vs best {best_bleu:.2f} (members "
+    out.append(f"Ensemble of {len(ens.models)} (beam {BIG_BEAM}) not worse than its best member: "
+               f"BLEU {e['bleu']:.2f} vs best {best_bleu:.2f} (members "
                + ", ".join(f"{got(r)['bleu']:.2f}" for r in members)
                + f"), test ppl {e['test_ppl']:.3f} vs best {best_ppl:.3f}: BLEU "
-               f"{verdict(e['bleu'] >= best_bleu)}, perplexity {verdict(e['test_ppl'] <= best_ppl)}")
+               f"{verdict(e['bleu'] >= best_bleu)}, "
+               f"perplexity {verdict(e['test_ppl'] <= best_ppl)}")
   else:
     out.append("Ensemble: pending")
   return out
@@ -450,7 +459,8 @@ def markdown(table: dict[str, Any], rows: Sequence[Row]) -> str:
               "a side longer than any training sentence.", ""]
   in_len = f" test ppl, <= {limit} tokens |" if limit > 0 else ""
   lines += [f"| Method | BLEU | tokenized BLEU | test ppl |{in_len} train words/s | decode words/s "
-            "| paper BLEU |", "|---|---:|---:|---:|" + ("---:|" if in_len else "") + "---:|---:|---:|"]
+            "| paper BLEU |",
+            "|---|---:|---:|---:|" + ("---:|" if in_len else "") + "---:|---:|---:|"]
   for r in rows:
     rec = table["rows"].get(r.key)
     paper = _fmt(r.paper_bleu, ".2f")
@@ -461,7 +471,8 @@ def markdown(table: dict[str, Any], rows: Sequence[Row]) -> str:
       lines.append(f"| {r.label} | {state} | | |{' |' if in_len else ''} | | {paper} |")
       continue
     short_ppl = f" {_fmt(rec.get('in_length_ppl'), '.3f')} |" if in_len else ""
-    lines.append(f"| {r.label} | {rec['bleu']:.2f} | {rec['bleu_tok']:.2f} | {rec['test_ppl']:.3f} |"
+    lines.append(f"| {r.label} | {rec['bleu']:.2f} | {rec['bleu_tok']:.2f} | "
+                 f"{rec['test_ppl']:.3f} |"
                  f"{short_ppl} {_fmt(rec.get('train_wps'), ',.0f')} | "
                  f"{_fmt(rec.get('decode_wps'), ',.0f')} | {paper} |")
   lines += ["", "Findings (measured):", ""] + [f"- {f}" for f in findings(table, rows)]
@@ -476,7 +487,8 @@ def models_table(trained: dict[str, Any]) -> list[str]:
            "|---|---:|---:|---:|---:|"]
   for name, rec in trained.items():
     lines.append(f"| {name} | {rec.get('step')} | {_fmt(rec.get('valid_ppl'), '.3f')} | "
-                 f"{_fmt(rec.get('train_wps'), ',.0f')} | {_fmt(rec.get('seconds_this_run'), '.0f')} |")
+                 f"{_fmt(rec.get('train_wps'), ',.0f')} | "
+                 f"{_fmt(rec.get('seconds_this_run'), '.0f')} |")
   return lines
 
 

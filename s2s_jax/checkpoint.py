@@ -1,8 +1,8 @@
 """Checkpoints with orbax's CheckpointManager: the train state, the data position, a fingerprint.
 
 Layout: WORKDIR/checkpoints/<step>/{state,data,integrity}. `state` holds the train state as
-a dict of arrays (params, optimizer state, step); `data` is a small JSON dict (the iterator position);
-`integrity` is JSON: the step and two 32-bit checksums of the bits of every state leaf.
+a dict of arrays (params, optimizer state, step); `data` is a small JSON dict (the iterator
+position); `integrity` is JSON: the step and two 32-bit checksums of the bits of every state leaf.
 
 Crash safety. Orbax writes each step into `<step>.orbax-checkpoint-tmp-<time>` and renames
 it to `<step>` only after every file is written (the rename is atomic on a local file
@@ -384,7 +384,8 @@ def restore_params(workdir: str, like_params: Any, step: int | None = None,
 
 
 def load_model(workdir: str, step: int | None = None):
-  """Everything decoding needs from a WORKDIR: (config, params, source vocab, target vocab, step)."""
+  """Everything decoding needs from a WORKDIR: (config, params, source vocab, target vocab, step).
+  """
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"{cfg_path}: not found; is {workdir} a training WORKDIR?")

@@ -49,13 +49,24 @@ class ModelConfig(_Checked):
   hidden_size: int = 1000  # cells per LSTM layer
   embed_size: int = 1000  # word embedding size, source and target
   init_scale: float = 0.08  # every parameter starts U(-init_scale, init_scale)
-  compute_dtype: str = "float32"  # float32 | bfloat16 | auto: matmul operand dtype (params stay f32); auto = bfloat16 where the hardware has bf16 dot products, else float32, fixed when a run starts
-  kernels: str = "auto"  # auto | plain | cpu: plain JAX, or s2s_jax/cpu_kernels.py (hand-written backward passes, faster on XLA:CPU); auto = cpu on a CPU backend, plain elsewhere
-  dropout: float = 0.0  # Zaremba et al. (2014): drop rate on the non-recurrent connections (embeddings, between layers, before the softmax) while training; 0 = off (the paper)
-  attention: str = "none"  # none (the paper) | dot | general | concat | location (Luong et al. 2015 global attention) | additive (Bahdanau et al. 2015) over the encoder's top layer
-  attention_positions: int = 100  # attention=location: source positions its weights cover (later positions of a longer source get no weight)
-  input_feeding: bool = False  # feed the attentional vector of step t-1 to the decoder with y_{t-1} (Luong et al. 2015; needs attention)
-  encoder: str = "uni"  # uni (the paper) | bi: the first encoder layer bidirectional, hidden_size/2 cells a direction (GNMT)
+  compute_dtype: str = "float32"  # float32 | bfloat16 | auto: matmul operand dtype (params stay
+                                  # f32); auto = bfloat16 where the hardware has bf16 dot products,
+                                  # else float32, fixed when a run starts
+  kernels: str = "auto"  # auto | plain | cpu: plain JAX, or s2s_jax/cpu_kernels.py
+                         # (hand-written backward passes, faster on XLA:CPU); auto = cpu on a CPU
+                         # backend, plain elsewhere
+  dropout: float = 0.0  # Zaremba et al. (2014): drop rate on the non-recurrent connections
+                        # (embeddings, between layers, before the softmax) while training;
+                        # 0 = off (the paper)
+  attention: str = "none"  # none (the paper) | dot | general | concat
+                           # | location (Luong et al. 2015 global attention)
+                           # | additive (Bahdanau et al. 2015) over the encoder's top layer
+  attention_positions: int = 100  # attention=location: source positions its weights cover (later
+                                  # positions of a longer source get no weight)
+  input_feeding: bool = False  # feed the attentional vector of step t-1 to the decoder with y_{t-1}
+                               # (Luong et al. 2015; needs attention)
+  encoder: str = "uni"  # uni (the paper) | bi: the first encoder layer bidirectional, hidden_size/2
+                        # cells a direction (GNMT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +82,20 @@ class DataConfig(_Checked):
   tokenizer: str = "moses"  # moses | none (pre-tokenized, split on spaces) | sentencepiece
   spm_vocab_size: int = 8000  # sentencepiece model size when tokenizer=sentencepiece
   bucket_width: int = 2  # padded lengths are multiples of this: a bounded set of compiled shapes
-  bucket_growth: float = 0.2  # each padded length >= (1 + this) x the previous one (0 = every multiple)
+  bucket_growth: float = 0.2  # each padded length >= (1 + this) x the previous one
+                              # (0 = every multiple)
   tfds_name: str = "wmt14_translate/fr-en"  # TFDS builder/config for source=tfds
   tfds_data_dir: str = ""  # TFDS data_dir ("" = TFDS default)
   tfds_manual_dir: str = ""  # folder holding manually downloaded WMT files for TFDS
-  download: bool = True  # source=tfds: download and prepare a dataset that is not prepared, when the download hosts answer (false: never download)
+  download: bool = True  # source=tfds: download and prepare a dataset that is not prepared, when
+                         # the download hosts answer (false: never download)
   synthetic_train: int = 100_000  # embedded corpus: training pairs
   synthetic_valid: int = 2_000  # embedded corpus: validation pairs
   synthetic_test: int = 2_000  # embedded corpus: test pairs
   synthetic_seed: int = 0  # embedded corpus: generator seed
   max_eval_sentences: int = 0  # cap on validation sentences used for perplexity (0 = all)
-  prepared_dir: str = ""  # data store shared by runs ("" = $S2S_JAX_DATA or ~/.cache/s2s_jax/prepared)
+  prepared_dir: str = ""  # data store shared by runs
+                          # ("" = $S2S_JAX_DATA or ~/.cache/s2s_jax/prepared)
   workers: int = 0  # tokenizer processes when preparing a corpus (0 = one per CPU core)
 
 
@@ -89,13 +103,15 @@ class DataConfig(_Checked):
 class OptimConfig(_Checked):
   name: str = "sgd"  # any optax optimizer factory by name: sgd, adam, adafactor, ...
   learning_rate: float = 0.7  # base learning rate
-  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # extra optimizer kwargs (JSON on the CLI)
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # extra optimizer kwargs
+                                                                       # (JSON on the CLI)
   clip_norm: float = 5.0  # global-norm clip of the loss gradient (0 = off)
   schedule: str = "paper"  # paper (constant, then halve every half epoch) | constant
   decay_start_epoch: float = 5.0  # epoch of the first halving (the paper's "after 5 epochs")
   decay_every_epochs: float = 0.5  # then halve again every this many epochs
   decay_factor: float = 0.5  # multiply the rate by this at each decay step
-  label_smoothing: float = 0.0  # training loss on targets smoothed by optax.smooth_labels (weight this spread over the vocabulary); 0 = the paper's NLL
+  label_smoothing: float = 0.0  # training loss on targets smoothed by optax.smooth_labels (weight
+                                # this spread over the vocabulary); 0 = the paper's NLL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +122,8 @@ class TrainConfig(_Checked):
   eval_every: int = 1000  # steps between validation perplexity evaluations (0 = only at the end)
   checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
   keep_checkpoints: int = 3  # how many recent checkpoints to keep
-  log_every: int = 50  # steps between training metric lines, and between the loop's waits for the devices (finite flags; with many processes, agreeing to stop on a signal)
+  log_every: int = 50  # steps between training metric lines, and between the loop's waits for the
+                       # devices (finite flags; with many processes, agreeing to stop on a signal)
   seed: int = 0  # parameter init and batch order
   eval_batch_size: int = 128  # sentences per validation batch
   max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (0 = never)
@@ -126,9 +143,13 @@ class DecodeConfig(_Checked):
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig(_Checked):
-  strategy: str = "mesh"  # mesh (jit over a NamedSharding mesh) | pmap | layers (the paper's: LSTM layer l on device l, a wavefront over time, the softmax on `model` more devices)
-  data: int = -1  # data-parallel mesh size (-1 = all devices / model; layers: all devices / (model.num_layers + model))
-  model: int = 1  # devices sharing the target softmax (the paper split it over 4; under layers they hold no LSTM layer)
+  strategy: str = "mesh"  # mesh (jit over a NamedSharding mesh) | pmap | layers (the paper's:
+                          # LSTM layer l on device l, a wavefront over time, the softmax on
+                          # `model` more devices)
+  data: int = -1  # data-parallel mesh size (-1 = all devices / model;
+                  # layers: all devices / (model.num_layers + model))
+  model: int = 1  # devices sharing the target softmax (the paper split it over 4;
+                  # under layers they hold no LSTM layer)
   distributed: bool = False  # call jax.distributed.initialize() (multi-host)
 
 
@@ -399,7 +420,8 @@ def override(cfg: Config, updates: Mapping[str, Any]) -> Config:
   return cfg
 
 
-def parse_args(argv: Sequence[str], extra_flags: Sequence[str] = ()) -> tuple[dict[str, str], dict[str, str]]:
+def parse_args(argv: Sequence[str],
+               extra_flags: Sequence[str] = ()) -> tuple[dict[str, str], dict[str, str]]:
   """Splits `--a.b=v` / `--a.b v` arguments into (config updates, other flags).
 
   `extra_flags` are the non-config flags the caller accepts (e.g. `workdir`); any other

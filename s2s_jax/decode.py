@@ -46,8 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2s_jax import cpu_kernels, ensemble
-from s2s_jax import model
+from s2s_jax import cpu_kernels, ensemble, model
 from s2s_jax.config import DecodeConfig
 from s2s_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID
 

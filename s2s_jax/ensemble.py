@@ -32,8 +32,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from s2s_jax import checkpoint
-from s2s_jax import model
+from s2s_jax import checkpoint, model
 from s2s_jax.config import Config, ModelConfig
 from s2s_jax.data.vocab import PAD_ID, Vocab
 

@@ -30,8 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
-from s2s_jax import bleu
-from s2s_jax import cli, decode, ensemble, translate
+from s2s_jax import bleu, cli, decode, ensemble, translate
 from s2s_jax.data import pipeline, sources, testsets
 
 

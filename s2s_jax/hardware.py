@@ -13,7 +13,7 @@ import importlib.util
 import os
 import pkgutil
 import sys
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 

@@ -3,7 +3,9 @@
 Shapes: B batch, T time, I layer input size, H hidden size, G = 4H gates, L layers.
 Gate order in the fused matrices is (input, forget, cell, output):
 
-  z = x @ w_x + h @ w_h + b;  c' = sigmoid(f) * c + sigmoid(i) * tanh(g);  h' = sigmoid(o) * tanh(c')
+  z = x @ w_x + h @ w_h + b
+  c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+  h' = sigmoid(o) * tanh(c')
 
 `layer` does the input projection x @ w_x + b for all time steps in one matmul before the
 scan; each step (`cell`) then adds h @ w_h and applies the gates. `stack_step` runs all
@@ -104,10 +106,10 @@ def stack(layers: list[LayerParams], x_TxBxI: Array, mask_TxB: Array, state: Sta
   """
   hs, cs = [], []
   inp = x_TxBxI
-  for l, p in enumerate(layers):
+  for i, p in enumerate(layers):
     if dropout is not None:
-      inp = dropout(l, inp)
-    inp, (h, c) = run_layer(p, inp, mask_TxB, state.h_LxBxH[l], state.c_LxBxH[l], dtype)
+      inp = dropout(i, inp)
+    inp, (h, c) = run_layer(p, inp, mask_TxB, state.h_LxBxH[i], state.c_LxBxH[i], dtype)
     hs.append(h)
     cs.append(c)
   return inp, State(jnp.stack(hs), jnp.stack(cs))
@@ -120,11 +122,11 @@ def stack_step(layers: list[LayerParams], x_BxI: Array, state: State,
   `dropout`: as in `stack`."""
   hs, cs = [], []
   inp = x_BxI
-  for l, p in enumerate(layers):
+  for i, p in enumerate(layers):
     if dropout is not None:
-      inp = dropout(l, inp)
+      inp = dropout(i, inp)
     gx = matmul(inp, p["w_x"], dtype) + p["b"]
-    h, c = cell(p["w_h"], gx, state.h_LxBxH[l], state.c_LxBxH[l], dtype)
+    h, c = cell(p["w_h"], gx, state.h_LxBxH[i], state.c_LxBxH[i], dtype)
     hs.append(h)
     cs.append(c)
     inp = h

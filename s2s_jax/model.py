@@ -170,7 +170,7 @@ def dropout_fn(rate: float, keys_B: Array) -> DropFn:
 
 def _at(drop: DropFn | None, base: int) -> DropFn | None:
   """`drop` with its sites counted from `base` (a stack's layer l draws at base + l)."""
-  return None if drop is None else (lambda l, x: drop(base + l, x))
+  return None if drop is None else (lambda i, x: drop(base + i, x))
 
 
 # ------------------------------------------------------------------------------ encoder
@@ -358,12 +358,12 @@ def _step_path(params: Params, mem: Memory, state: lstm.State, tgt_BxT: Array,
   if dropout is not None:
     x_TxBxE = dropout(0, x_TxBxE)
     ones_TxBxH = jnp.ones((t, b, cfg.hidden_size), x_TxBxE.dtype)
-    scales = [dropout(l, ones_TxBxH) for l in range(1, cfg.num_layers)] or None
+    scales = [dropout(i, ones_TxBxH) for i in range(1, cfg.num_layers)] or None
 
   def step(carry, inputs):
     state, feed_BxH = carry
     x_BxE, scales_t = inputs  # scales_t: layer l's dropout scale at this step, BxH, l >= 1
-    drop = None if scales_t is None else (lambda l, x: x * scales_t[l - 1] if l else x)
+    drop = None if scales_t is None else (lambda i, x: x * scales_t[i - 1] if i else x)
     out_BxH, state, a_BxS = attention_step(params, state, feed_BxH, x_BxE, mem, cfg, drop)
     return (state, out_BxH), (out_BxH, a_BxS)
 

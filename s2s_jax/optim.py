@@ -40,7 +40,8 @@ def learning_rate_schedule(cfg: OptimConfig, steps_per_epoch: int) -> Callable:
   raise ConfigError(f"optim.schedule must be paper or constant, got {cfg.schedule!r}")
 
 
-def make_optimizer(cfg: OptimConfig, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(cfg: OptimConfig,
+                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, Callable]:
   """Global-norm clipping (the paper's rule) followed by `optax.<name>(lr_schedule, **kwargs)`.
 
   optax.clip_by_global_norm(5) is exactly the paper's: s = ||g||, g <- 5 g / s if s > 5,

@@ -23,9 +23,7 @@ import os
 import sys
 from typing import NamedTuple, Sequence
 
-from s2s_jax import bleu
-from s2s_jax import decode
-from s2s_jax import cli, translate
+from s2s_jax import bleu, cli, decode, translate
 from s2s_jax.data import sources
 
 

@@ -27,11 +27,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from s2s_jax import cli
+from s2s_jax import cli, decode, ensemble, model
 from s2s_jax import config as config_lib
-from s2s_jax import decode
-from s2s_jax import ensemble
-from s2s_jax import model
 from s2s_jax.config import Config, ConfigError, DecodeConfig, ModelConfig
 from s2s_jax.data import pipeline, sources, tokenize
 from s2s_jax.data.vocab import UNK, Vocab

@@ -1,15 +1,15 @@
-"""The Table 1 runner: its plan, skipping of finished work, resuming, findings, default evaluation."""
+"""The Table 1 runner: its plan, skipping finished work, resuming, findings, default evaluation."""
 
 import json
 import os
 
 import numpy as np
 import pytest
+from test_analysis import make_workdir
 
 from experiments import ablations
 from s2s_jax import config as c
 from s2s_jax import evaluate, translate
-from test_analysis import make_workdir
 
 
 def base_config(**updates):
@@ -59,7 +59,8 @@ def test_plan_has_the_papers_rows():
   # a 4-layer base (the paper's) trains depths 1 and 2 besides itself; seeds start at train.seed
   models4, _ = ablations.plan(base_config(**{"model.num_layers": 4, "train.seed": 7}))
   assert sorted(models4) == sorted(["reversed-L4-seed7", "forward-L4-seed7", "reversed-L1-seed7",
-                                    "reversed-L2-seed7"] + [f"reversed-L4-seed{s}" for s in range(8, 12)])
+                                    "reversed-L2-seed7"]
+                                   + [f"reversed-L4-seed{s}" for s in range(8, 12)])
 
 
 def test_work_order_evaluates_each_row_after_its_last_model():
@@ -93,7 +94,8 @@ def test_runner_trains_and_evaluates_once_and_skips_finished_work(tmp_path):
   del saved["rows"][key]
   (tmp_path / "table1.json").write_text(json.dumps(saved))
   lab3 = FakeLab()
-  table3 = ablations.run(base_config(), str(tmp_path), train_fn=lab3.train, evaluate_fn=lab3.evaluate)
+  table3 = ablations.run(base_config(), str(tmp_path), train_fn=lab3.train,
+                         evaluate_fn=lab3.evaluate)
   assert lab3.trained == []
   assert lab3.evaluated == [(("reversed-L2-seed0", "reversed-L2-seed1"), 12)]
   assert table3["rows"][key] == table["rows"][key]
@@ -130,7 +132,8 @@ def test_findings_report_what_does_not_reproduce(tmp_path):
   table = ablations.run(base_config(), str(tmp_path), train_fn=lab.train, evaluate_fn=lab.evaluate)
   _, rows = ablations.plan(base_config())
   bad = json.loads(json.dumps(table))
-  fwd, rev = bad["rows"]["single-forward-L2-seed0-beam12"], bad["rows"]["single-reversed-L2-seed0-beam12"]
+  fwd, rev = (bad["rows"]["single-forward-L2-seed0-beam12"],
+              bad["rows"]["single-reversed-L2-seed0-beam12"])
   fwd["bleu"] = rev["bleu"] + 1  # forward wins on BLEU only
   bad["rows"]["single-reversed-L2-seed0-beam1"]["bleu"] = rev["bleu"] + 0.01  # greedy wins
   found = ablations.findings(bad, rows)
@@ -181,9 +184,11 @@ def test_a_failing_evaluation_is_reported_and_retried(tmp_path):
     return evaluate(workdirs, beam, split, max_sentences)
 
   table = ablations.run(base_config(), str(tmp_path), train_fn=lab.train, evaluate_fn=flaky)
-  assert set(table["failed"]) == {"single-reversed-L2-seed0-beam2", "ensemble5-reversed-L2-seed0-beam2"}
+  assert set(table["failed"]) == {"single-reversed-L2-seed0-beam2",
+                                  "ensemble5-reversed-L2-seed0-beam2"}
   assert len(table["rows"]) == 12 and len(lab.trained) == 8  # the rest went on
-  assert "| Single reversed LSTM (2 layers), beam 2 | failed (rerun) |" in (tmp_path / "table1.md").read_text()
+  assert ("| Single reversed LSTM (2 layers), beam 2 | failed (rerun) |"
+          in (tmp_path / "table1.md").read_text())
   lab.evaluated.clear()
   table = ablations.run(base_config(), str(tmp_path), train_fn=lab.train, evaluate_fn=lab.evaluate)
   assert table["failed"] == {} and len(table["rows"]) == 14
@@ -195,7 +200,8 @@ def test_only_runs_the_chosen_row_groups_and_their_models(tmp_path):
   table = ablations.run(base_config(), str(tmp_path), train_fn=lab.train, evaluate_fn=lab.evaluate,
                         only=["base", "depth"])
   assert sorted(lab.trained) == ["reversed-L1-seed0", "reversed-L2-seed0", "reversed-L4-seed0"]
-  assert sorted(table["rows"]) == ["single-reversed-L1-seed0-beam12", "single-reversed-L2-seed0-beam12",
+  assert sorted(table["rows"]) == ["single-reversed-L1-seed0-beam12",
+                                   "single-reversed-L2-seed0-beam12",
                                    "single-reversed-L4-seed0-beam12"]
   md = (tmp_path / "table1.md").read_text()
   assert "| Ensemble of 2 reversed LSTMs, beam 12 | not run (--only) |" in md
@@ -241,7 +247,8 @@ def test_rows_without_the_in_length_perplexity_get_it_on_rerun(tmp_path):
 def test_in_length_perplexity_is_the_perplexity_of_the_short_test_pairs(toy_corpus, tmp_path):
   work = str(tmp_path / "m")
   make_workdir(toy_corpus, work, **{"data.max_len": 3})
-  with open(os.path.join(toy_corpus, "test.en")) as fe, open(os.path.join(toy_corpus, "test.fr")) as ff:
+  with (open(os.path.join(toy_corpus, "test.en")) as fe,
+        open(os.path.join(toy_corpus, "test.fr")) as ff):
     pairs = list(zip(fe.read().splitlines(), ff.read().splitlines()))[:20]
   short = [(s, t) for s, t in pairs if len(s.split()) <= 3 and len(t.split()) <= 3]
   assert 0 < len(short) < len(pairs)

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from s2s_jax import bleu
-from s2s_jax import checkpoint
+from s2s_jax import bleu, checkpoint, model, optim, train, translate
 from s2s_jax import config as c
-from s2s_jax import model
-from s2s_jax import optim
-from s2s_jax import train
-from s2s_jax import translate
 from s2s_jax.analysis import by_length, long_examples, pca
 from s2s_jax.data import pipeline
 from s2s_jax.data.vocab import Vocab
@@ -69,14 +64,16 @@ def test_pca_of_rank_two_data_keeps_every_distance():
 def test_pair_distances_by_kind_on_hand_made_points():
   x = np.array([[0.0, 0], [0, 1], [3, 0], [3, 1], [10, 10]])
   kinds = ["base", "voice", "order", "order_voice"]
-  phrases = [{"text": k, "group": "g", "kind": k} for k in kinds] + [{"text": "e", "group": "", "kind": ""}]
+  phrases = ([{"text": k, "group": "g", "kind": k} for k in kinds]
+             + [{"text": "e", "group": "", "kind": ""}])
   d = pca.pair_distances(x, phrases)
   assert d["voice"] == {"mean": 1.0, "count": 2}  # base-voice, order-order_voice
   assert d["order"] == {"mean": 3.0, "count": 2}  # base-order, voice-order_voice
   assert d["order+voice"]["count"] == 2
   np.testing.assert_allclose(d["order+voice"]["mean"], np.sqrt(10))
   assert d["other_groups"]["count"] == 4
-  np.testing.assert_allclose(d["other_groups"]["mean"], np.mean(np.linalg.norm(x[:4] - x[4], axis=1)))
+  np.testing.assert_allclose(d["other_groups"]["mean"],
+                             np.mean(np.linalg.norm(x[:4] - x[4], axis=1)))
   alld = [np.linalg.norm(x[i] - x[j]) for i in range(5) for j in range(i + 1, 5)]
   assert d["all_pairs"]["count"] == 10
   np.testing.assert_allclose(d["all_pairs"]["mean"], np.mean(alld))
@@ -84,7 +81,8 @@ def test_pair_distances_by_kind_on_hand_made_points():
   assert pca.pair_kind({"text": "a", "group": "1", "kind": "base"},
                        {"text": "b", "group": "2", "kind": "voice"}) is None
   with pytest.raises(ValueError, match="phrase 'b': kind must be one of"):
-    pca.pair_kind({"text": "a", "group": "1", "kind": "base"}, {"text": "b", "group": "1", "kind": "x"})
+    pca.pair_kind({"text": "a", "group": "1", "kind": "base"},
+                  {"text": "b", "group": "1", "kind": "x"})
 
 
 def test_the_embedded_phrases_form_voice_and_order_pairs():
@@ -127,13 +125,15 @@ def test_encoder_states_are_the_models_final_state_whatever_the_batch():
 
 def test_phrase_files_in_each_format(tmp_path):
   js = tmp_path / "p.json"
-  js.write_text(json.dumps([{"en": "a b", "fr": "x", "group": "1", "kind": "order"}, {"text": "c"}]))
+  js.write_text(json.dumps([{"en": "a b", "fr": "x", "group": "1", "kind": "order"},
+                            {"text": "c"}]))
   assert pca.load_phrases(str(js), "en") == [{"text": "a b", "group": "1", "kind": "order"},
                                             {"text": "c", "group": "", "kind": ""}]
   tsv = tmp_path / "p.txt"
   tsv.write_text("g\tvoice\tI gave her a card\nplain phrase\n\n")
-  assert pca.load_phrases(str(tsv), "en") == [{"text": "I gave her a card", "group": "g", "kind": "voice"},
-                                             {"text": "plain phrase", "group": "", "kind": ""}]
+  assert pca.load_phrases(str(tsv), "en") == [
+      {"text": "I gave her a card", "group": "g", "kind": "voice"},
+      {"text": "plain phrase", "group": "", "kind": ""}]
   tsv.write_text("ok\na\tb\n")
   with pytest.raises(ValueError, match=r"p.txt: line 2: expected a phrase"):
     pca.load_phrases(str(tsv), "en")
@@ -193,8 +193,8 @@ def test_bleu_by_bin_is_corpus_bleu_inside_each_bin():
 def test_longest_picks_longest_first_and_earlier_on_ties():
   assert long_examples.longest([3, 9, 4, 9, 1], 3) == [1, 3, 2]
   assert long_examples.longest([2], 5) == [0]
-  md = long_examples.markdown([{"length": 3, "source": "a | b", "translation": "x", "reference": "y",
-                                "sentence_bleu": 12.345}], "T")
+  md = long_examples.markdown([{"length": 3, "source": "a | b", "translation": "x",
+                                "reference": "y", "sentence_bleu": 12.345}], "T")
   assert "| 1 | 3 | a \\| b | x | y | 12.3 |" in md
 
 
@@ -249,10 +249,11 @@ def test_curves_read_every_series_skip_a_torn_line_and_draw(tmp_path, caplog, ca
   out = tmp_path / "out"
   curves.curves([str(run), str(run)], ["a", "b"], str(out))
   assert (out / "curves.png").stat().st_size > 1000
-  assert json.loads((out / "curves.json").read_text())["b"]["valid_ppl"] == [[0, 900.0], [100, 25.0]]
+  assert (json.loads((out / "curves.json").read_text())["b"]["valid_ppl"]
+          == [[0, 900.0], [100, 25.0]])
   with pytest.raises(ValueError, match="2 names for 1"):
     curves.curves([str(run)], ["a", "b"], str(out))
   assert curves.main(["--workdir", str(tmp_path / "missing")]) == 1  # cli.run's policy
   err = capsys.readouterr().err.strip().splitlines()
-  assert err[-1].startswith("error: ") and err[-1].endswith("not found (is "
-                                                           f"{tmp_path / 'missing'} a training WORKDIR?)")
+  assert err[-1].startswith("error: ") and err[-1].endswith(
+      f"not found (is {tmp_path / 'missing'} a training WORKDIR?)")

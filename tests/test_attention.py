@@ -11,11 +11,11 @@ import numpy as np
 import optax
 import pytest
 from jax.test_util import check_grads
+from test_model import SENTS, batch_of
 
 from s2s_jax import lstm, model, train
 from s2s_jax.config import ConfigError, ModelConfig
 from s2s_jax.data.vocab import BOS_ID
-from test_model import SENTS, batch_of
 
 BASE = ModelConfig(num_layers=2, hidden_size=8, embed_size=6, init_scale=0.3,
                    attention_positions=7, kernels="plain")
@@ -77,11 +77,11 @@ def reference_log_probs(p, src, tgt, cfg):
     xs = [jnp.concatenate([f, b]) for f, b in zip(fwd, bwd[::-1])]
     h[0], c[0] = jnp.concatenate([hf, hb]), jnp.concatenate([cf, cb])
     first = 1
-  for l in range(first, layers):
+  for i in range(first, layers):
     outs = []
     for x in xs:
-      h[l], c[l] = run(p["encoder"][l], x, h[l], c[l])
-      outs.append(h[l])
+      h[i], c[i] = run(p["encoder"][i], x, h[i], c[i])
+      outs.append(h[i])
     xs = outs
   hs_SxH = jnp.stack(xs)
   att = p["attention"]
@@ -106,9 +106,9 @@ def reference_log_probs(p, src, tgt, cfg):
       x = jnp.concatenate([x, ctx])
     if cfg.input_feeding:
       x = jnp.concatenate([x, feed])
-    for l in range(layers):
-      h[l], c[l] = run(p["decoder"][l], x, h[l], c[l])
-      x = h[l]
+    for i in range(layers):
+      h[i], c[i] = run(p["decoder"][i], x, h[i], c[i])
+      x = h[i]
     if cfg.attention != "additive":
       ctx = weights(h[-1]) @ hs_SxH
     feed = jnp.tanh(jnp.concatenate([ctx, h[-1]]) @ att["w_c"])

@@ -7,12 +7,12 @@ import os
 import jax
 import numpy as np
 import pytest
+from test_decode_cli import TINY, read, run, write
 
 from s2s_jax import average, checkpoint, decode, evaluate, rescore, train, translate
 from s2s_jax import config as c
 from s2s_jax.analysis import attention
 from s2s_jax.data.vocab import UNK, UNK_ID, Vocab
-from test_decode_cli import TINY, read, run, write
 
 ATTENTION = {**TINY, "model.attention": "general", "model.input_feeding": True,
              "data.tgt_vocab_size": 8, "train.checkpoint_every": 60}  # 4 of 12 words unknown

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_decode import B_, ROWS, SRC_V, TGT_V, A, N, T, W, as_seq, caps, pad, sources
 
 from s2s_jax import decode, ensemble, model
 from s2s_jax.config import DecodeConfig, ModelConfig
 from s2s_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID
-from test_decode import A, B_, N, ROWS, SRC_V, T, TGT_V, W, as_seq, caps, pad, sources
 
 ATT = ModelConfig(num_layers=2, hidden_size=16, embed_size=8, init_scale=0.5,
                   attention="general", input_feeding=True, encoder="bi")

@@ -10,12 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.compare import (
+  Variant,
+  _torch_runs,
+  describe_spread,
+  paired_ratios,
+  torch_device,
+  xla_extra_bytes,
+)
 from s2s_jax import decode, model
 from s2s_jax.config import ModelConfig
 from s2s_jax.data.vocab import EOS_ID, PAD_ID
-
-from benchmarks.compare import (Variant, _torch_runs, describe_spread, paired_ratios, torch_device,
-                                xla_extra_bytes)
 
 
 def variant(name, framework, times, units=100.0, task="train"):
@@ -106,8 +111,8 @@ CAPS = decode.output_caps(SRC_LENS, LEN_A, LEN_B, MAX_LEN)
 @pytest.fixture(scope="module")
 def tiny():
   """(params, torch net, sources BxS) of one tiny model."""
-  torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch "
-                              "(pip install -r benchmarks/requirements.txt)")
+  pytest.importorskip("torch", reason="the PyTorch reference needs torch "
+                      "(pip install -r benchmarks/requirements.txt)")
   from benchmarks import torch_ref
   like = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), TINY, SRC_V, TGT_V))
   rng = np.random.default_rng(2)
@@ -144,6 +149,7 @@ def test_the_tiny_model_ends_before_at_and_long_before_its_caps(tiny):
     (1, 1, 0.0), (1, 1, 1.0), (2, 1, 1.0), (2, 2, 0.0), (5, 1, 0.0), (5, 3, 1.0)])
 def test_torch_beam_search_equals_ours(tiny, beam_size, nbest, alpha):
   import torch
+
   from benchmarks import torch_ref
   params, net, src = tiny
   ours = ours_beam(params, src, beam_size, nbest, alpha)
@@ -160,6 +166,7 @@ def test_torch_beam_search_equals_ours(tiny, beam_size, nbest, alpha):
 def test_torch_greedy_equals_ours(tiny):
   """Full-length sources, the cap max_len for all (how benchmarks.compare runs both)."""
   import torch
+
   from benchmarks import torch_ref
   params, net, src = tiny
   full = src[np.array(SRC_LENS) == max(SRC_LENS)].repeat(2, axis=0)
@@ -174,6 +181,7 @@ def test_torch_greedy_equals_ours(tiny):
 def test_torch_attention_model_computes_our_loss_and_gradients(tiny, attention, feed):
   """torch_ref.AttentionSeq2Seq is the model benchmarks.compare --attention times."""
   import torch
+
   from benchmarks import torch_ref
   _, _, src = tiny
   cfg = dataclasses.replace(TINY, attention=attention, input_feeding=feed, init_scale=0.5,
@@ -222,6 +230,7 @@ def test_gpu_train_rehearsal_reports_the_real_commands_words_per_s(tmp_path):
 def test_compare_runs_on_the_tiny_config(capsys):
   """With torch, both frameworks' searches give the same outputs in the same number of steps."""
   import importlib.util
+
   from benchmarks import compare
   with_torch = importlib.util.find_spec("torch") is not None
   argv = ["--config", "tiny", "--dtype", "float32", "--beams", "2", "--malloc", "system",

@@ -9,10 +9,10 @@ import typing
 import numpy as np
 import pytest
 
+from experiments import quickstart, wmt14
 from s2s_jax import config as c
 from s2s_jax import parallel, train
 from s2s_jax.data import tokenize
-from experiments import quickstart, wmt14
 
 
 def test_overrides_parse_by_type():
@@ -65,6 +65,7 @@ def test_paper_preset_is_the_paper():
 
 def test_quickstart_summary_says_what_was_trained_how_good_and_where_the_plots_are():
   import collections
+
   import jax.numpy as jnp
   Loaded = collections.namedtuple("Loaded", "cfg params steps")
   params = {"w": jnp.zeros((1000, 1500))}

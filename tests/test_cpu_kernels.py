@@ -20,15 +20,16 @@ from s2s_jax import cpu_kernels, decode, lstm, model
 from s2s_jax.config import ModelConfig
 from s2s_jax.data.vocab import EOS_ID
 
-T, B, I, H = 5, 3, 4, 6
+T, B, IN, H = 5, 3, 4, 6
 MASK = np.array([[1, 1, 1], [1, 1, 1], [1, 0, 1], [1, 0, 0], [1, 0, 0]], np.float32)  # ragged
-CFG = ModelConfig(num_layers=1, hidden_size=8, embed_size=6, init_scale=0.3, kernels="cpu")  # layers: see above
+CFG = ModelConfig(num_layers=1, hidden_size=8, embed_size=6, init_scale=0.3,
+                  kernels="cpu")  # layers: see above
 
 
 def layer_inputs(dtype=jnp.float32, seed=0):
   k = jax.random.split(jax.random.PRNGKey(seed), 4)
-  params = jax.tree_util.tree_map(lambda a: a.astype(dtype), lstm.init_layer(k[0], I, H, 0.5))
-  x = jax.random.normal(k[1], (T, B, I), dtype)
+  params = jax.tree_util.tree_map(lambda a: a.astype(dtype), lstm.init_layer(k[0], IN, H, 0.5))
+  x = jax.random.normal(k[1], (T, B, IN), dtype)
   h0 = 0.5 * jax.random.normal(k[2], (B, H), dtype)
   c0 = 0.5 * jax.random.normal(k[3], (B, H), dtype)
   return params, x, h0, c0
@@ -41,7 +42,8 @@ def layer_vjp(fn, params, x, h0, c0, dtype=None, seed=1):
                           params, x, h0, c0)
   leaves, tree = jax.tree_util.tree_flatten(out)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  cot = tree.unflatten([jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+  cot = tree.unflatten([jax.random.normal(k, leaf.shape, leaf.dtype)
+                        for k, leaf in zip(keys, leaves)])
   return out, pullback(cot)
 
 
@@ -185,7 +187,8 @@ def test_matmul_nt_is_matmul_by_transpose(dtype, x_shape):
 def test_log_softmax_equals_jax():
   x = 5.0 * jax.random.normal(jax.random.PRNGKey(6), (4, 37))
   x = x.at[1, :3].set(-jnp.inf)
-  np.testing.assert_allclose(cpu_kernels.log_softmax(x), jax.nn.log_softmax(x, axis=-1), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(cpu_kernels.log_softmax(x), jax.nn.log_softmax(x, axis=-1),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_argmax_equals_jnp_argmax():

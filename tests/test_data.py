@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import corpora
+
 from s2s_jax.config import DataConfig
 from s2s_jax.data import pipeline, sources, synthetic, tokenize
 from s2s_jax.data.sources import DataError

@@ -18,7 +18,7 @@ def write(folder, files):
 
 
 def good_files(**over):
-  files = {f"{s}.{l}": "a b\nc d\n" for s in sources.SPLITS for l in ("en", "fr")}
+  files = {f"{s}.{lang}": "a b\nc d\n" for s in sources.SPLITS for lang in ("en", "fr")}
   files.update(over)
   return files
 

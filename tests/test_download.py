@@ -10,14 +10,12 @@ import tarfile
 import threading
 
 import pytest
-
-from s2s_jax import evaluate, train
-from s2s_jax import config as c
-from s2s_jax.data import net, testsets
-from s2s_jax.data.sources import DataError
-
 from test_decode_cli import TINY, run
 
+from s2s_jax import config as c
+from s2s_jax import evaluate, train
+from s2s_jax.data import net, testsets
+from s2s_jax.data.sources import DataError
 
 # ----------------------------------------------------------------------------- the probe
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from s2s_jax import checkpoint, train
 from s2s_jax import config as c
+from s2s_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("s2s_jax", "experiments", "benchmarks")
@@ -70,8 +70,9 @@ CASES = {  # module -> its arguments (ctx fields in braces)
                                    "--data.path={corpus}", "--data.tokenizer=none",
                                    *TINY_MODEL, *TINY_RUN),
     "experiments.ladder": _case("--workdir", "{tmp}/ladder", "--only", "unk",
-                                "--max_sentences", "4", "--data.source=text", "--data.path={corpus}",
-                                "--data.tokenizer=none", *TINY_MODEL, *TINY_RUN),
+                                "--max_sentences", "4", "--data.source=text",
+                                "--data.path={corpus}", "--data.tokenizer=none",
+                                *TINY_MODEL, *TINY_RUN),
     "s2s_jax.translate": _case(*WORKDIR, "--input", "{src}", "--output", "{tmp}/hyp.txt"),
     "s2s_jax.evaluate": _case(*WORKDIR, "--split", "test", "--beam_size", "1"),
     "s2s_jax.rescore": _case(*WORKDIR, "--src", "{src}", "--nbest", "{nbest}", "--ref", "{ref}"),

@@ -5,11 +5,11 @@ import json
 import os
 
 import pytest
+from test_ablations import base_config
 
 from experiments import ladder
 from s2s_jax import config as c
 from s2s_jax.config import ConfigError
-from test_ablations import base_config
 
 
 class FakeLab:

@@ -31,9 +31,9 @@ def test_scan_stack_equals_python_loop(num_layers):
   tops = []
   for step in range(t):  # time-major python loop over the cell, layer by layer
     inp = x[step]
-    for l in range(num_layers):
-      hs[l], cs[l] = reference_cell(layers[l], inp, hs[l], cs[l])
-      inp = hs[l]
+    for k in range(num_layers):
+      hs[k], cs[k] = reference_cell(layers[k], inp, hs[k], cs[k])
+      inp = hs[k]
     tops.append(inp)
   np.testing.assert_allclose(top, np.stack(tops), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(state.h_LxBxH, np.stack(hs), rtol=1e-5, atol=1e-5)

@@ -17,8 +17,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import write_toy_corpus
+
 from s2s_jax import checkpoint, train
 from s2s_jax import config as c
 

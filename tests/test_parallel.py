@@ -11,10 +11,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from s2s_jax import checkpoint, decode, model, optim, parallel, train
-from s2s_jax.parallel import devices
+from s2s_jax.config import Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig, override
 from s2s_jax.data import pipeline
-from s2s_jax.config import (Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig,
-                            override)
+from s2s_jax.parallel import devices
 
 CFG = Config(model=ModelConfig(num_layers=1, hidden_size=16, embed_size=16))
 VOCAB = 20
@@ -172,8 +171,10 @@ def test_train_resumes_on_another_device_count(tmp_path, kernels):
   corpus.mkdir()
   for split, n in (("train", 96), ("valid", 16), ("test", 16)):
     lines = [[f"{w}" for w in rng.integers(0, 12, rng.integers(1, 4))] for _ in range(n)]
-    (corpus / f"{split}.en").write_text("".join(" ".join("w" + w for w in l) + "\n" for l in lines))
-    (corpus / f"{split}.fr").write_text("".join(" ".join("f" + w for w in l) + "\n" for l in lines))
+    (corpus / f"{split}.en").write_text(
+        "".join(" ".join("w" + w for w in toks) + "\n" for toks in lines))
+    (corpus / f"{split}.fr").write_text(
+        "".join(" ".join("f" + w for w in toks) + "\n" for toks in lines))
   cfg = override(Config(), {
       "model.num_layers": 1, "model.hidden_size": 16, "model.embed_size": 16,
       "data.source": "text", "data.path": str(corpus), "data.tokenizer": "none",

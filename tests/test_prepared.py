@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import corpora, write_toy_corpus
+
 from s2s_jax import train
 from s2s_jax.config import DataConfig
 from s2s_jax.data import pipeline, prepared, sources, tokenize
@@ -185,6 +185,7 @@ def test_sentencepiece_models_are_trained_once_and_copied_into_each_workdir(tmp_
 
 def test_prepare_data_flag_prepares_and_stops(tmp_path, capsys):
   import json
+
   from s2s_jax import config, train
   folder = write_toy_corpus(str(tmp_path / "c"))
   argv = ["--workdir", str(tmp_path / "wd"), "--prepare_data", "--data.source=text",

@@ -15,12 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import write_toy_corpus
-from s2s_jax import checkpoint
+
+from s2s_jax import checkpoint, model, train
 from s2s_jax import config as config_lib
-from s2s_jax import model
-from s2s_jax import train
 from s2s_jax import workdir as workdir_lib
 from s2s_jax.config import Config, ConfigError
 from s2s_jax.data import pipeline
@@ -482,7 +480,8 @@ def test_too_many_bad_steps_stop_the_cli_with_one_line(tmp_path, monkeypatch, ca
       "lower optim.learning_rate or check the data"), err[-2000:]
   assert "Traceback" not in err
   for step, batch in ((4, 3), (5, 4), (6, 5)):
-    assert f"step {step}: non-finite loss or gradient; update skipped (epoch 0, batch {batch})" in err
+    assert (f"step {step}: non-finite loss or gradient; update skipped "
+            f"(epoch 0, batch {batch})") in err
   # Checkpoints are finite and hold the last good state (step 4's is step 3's result); the
   # flags are checked before each save, so the third bad step stops the run before step 6's.
   mngr = checkpoint.manager(workdir, read_only=True)

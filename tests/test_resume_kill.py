@@ -17,8 +17,8 @@ import sys
 
 import jax
 import numpy as np
-
 from conftest import write_toy_corpus
+
 from experiments import quickstart
 from s2s_jax import checkpoint, train
 
@@ -51,7 +51,8 @@ if point in ("step", "commit"):
 sys.exit(train.main(quickstart.config(), sys.argv[1:]))
 """
 FLAGS = ["--data.source=text", "--data.tokenizer=none", "--model.hidden_size=16",
-         "--model.embed_size=8", "--data.bucket_width=8", "--model.num_layers=1", "--train.batch_size=8",
+         "--model.embed_size=8", "--data.bucket_width=8", "--model.num_layers=1",
+         "--train.batch_size=8",
          "--train.num_steps=60", "--train.checkpoint_every=10", "--train.log_every=10",
          "--train.eval_every=0", "--train.keep_checkpoints=3"]
 

@@ -25,10 +25,10 @@ PINNED_2024 = [
     ("This brave daughter understands the artist.", "Cette fille courageuse comprend l'artiste."),
     ("This lion eats.", "Ce lion mange."),
     (
-        "He was in the kitchens, but Sophie visited three hotels that he admires behind Lucas next to his "
-        "waitress with a brother of a friend.",
-        "Il était dans les cuisines, mais Sophie a visité trois hôtels qu'il admire derrière Lucas à côté de "
-        "sa serveuse avec un frère d'un ami.",
+        "He was in the kitchens, but Sophie visited three hotels that he admires behind Lucas next "
+        "to his waitress with a brother of a friend.",
+        "Il était dans les cuisines, mais Sophie a visité trois hôtels qu'il admire derrière Lucas "
+        "à côté de sa serveuse avec un frère d'un ami.",
     ),
     (
         "Nina admires a cook who left and the curious owner was not funny.",
@@ -37,21 +37,24 @@ PINNED_2024 = [
     ("Oscar was behind Thomas.", "Oscar était derrière Thomas."),
     (
         "A cow behind a woman was funny and the huge donkey is bought by my baker at night.",
-        "Une vache derrière une femme était drôle et l'âne énorme est acheté par mon boulanger la nuit.",
+        "Une vache derrière une femme était drôle et l'âne énorme est acheté par mon "
+        "boulanger la nuit.",
     ),
     ("Eva loses a gift in front of a student.", "Eva perd un cadeau devant un étudiant."),
     ("The waiter meets a wife.", "Le serveur rencontre une femme."),
     (
-        "Two butterflies were washed under two good tables this morning because the strong child believes "
-        "that their curious dog listens to the beautiful Italian farmer that a soldier pushed yesterday evening.",
-        "Deux papillons ont été lavés sous deux bonnes tables ce matin parce que l'enfant fort croit que leur "
-        "chien curieux écoute le beau fermier italien qu'un soldat a poussé hier soir.",
+        "Two butterflies were washed under two good tables this morning because the strong child "
+        "believes that their curious dog listens to the beautiful Italian farmer that a soldier "
+        "pushed yesterday evening.",
+        "Deux papillons ont été lavés sous deux bonnes tables ce matin parce que l'enfant fort "
+        "croit que leur chien curieux écoute le beau fermier italien qu'un soldat a poussé "
+        "hier soir.",
     ),
     (
-        "The farmer is kissed by some furious princesses on a bridge because this beautiful man did not dream "
-        "of these kind students who were called near their cave.",
-        "Le fermier est embrassé par des princesses furieuses sur un pont parce que ce bel homme n'a pas rêvé "
-        "de ces étudiants gentils qui ont été appelés près de leur grotte.",
+        "The farmer is kissed by some furious princesses on a bridge because this beautiful man "
+        "did not dream of these kind students who were called near their cave.",
+        "Le fermier est embrassé par des princesses furieuses sur un pont parce que ce bel homme "
+        "n'a pas rêvé de ces étudiants gentils qui ont été appelés près de leur grotte.",
     ),
 ]
 
@@ -106,8 +109,8 @@ def _analyses() -> tuple[dict, dict]:
 
 NOUN_GN, ADJ_GN = _analyses()
 PRE_ADJ_GN = {f: gn for f, gn in ADJ_GN.items()
-              if f not in NOUN_GN and any(f in (a.ms_vowel, *a.forms.values()) for a in syn.ADJECTIVES
-                                           if a.cls == "pre")}
+              if f not in NOUN_GN and any(f in (a.ms_vowel, *a.forms.values())
+                                           for a in syn.ADJECTIVES if a.cls == "pre")}
 NOMINAL_GN = {w: NOUN_GN.get(w, set()) | ADJ_GN.get(w, set()) for w in set(NOUN_GN) | set(ADJ_GN)}
 
 FEM_SG_DETS = {"la", "une", "cette", "ma", "sa"}
@@ -130,16 +133,19 @@ def check_french(fr: str) -> list[str]:
             errors.append(f"elision before consonant: {w}{nxt}")
         if lw in {"vieux", "beau", "nouveau"} and vowel and NOUN_GN.get(nxt) == {("m", "sg")}:
             errors.append(f"should be vieil/bel/nouvel: {w} {nxt}")
-        if lw in {"vieil", "bel", "nouvel"} and not (vowel and ("m", "sg") in NOUN_GN.get(nxt, set())):
+        if (lw in {"vieil", "bel", "nouvel"}
+                and not (vowel and ("m", "sg") in NOUN_GN.get(nxt, set()))):
             errors.append(f"vieil/bel/nouvel misused: {w} {nxt}")
-        if (lw, nxt) in {("à", "le"), ("à", "les"), ("de", "le"), ("de", "les"), ("de", "des"), ("de", "de")}:
+        if (lw, nxt) in {("à", "le"), ("à", "les"), ("de", "le"), ("de", "les"), ("de", "des"),
+                         ("de", "de")}:
             errors.append(f"missing contraction: {w} {nxt}")
         gn = NOMINAL_GN.get(nxt)
         if lw in FEM_SG_DETS and (gn is None or ("f", "sg") not in gn):
             errors.append(f"feminine singular expected after {w}: {nxt}")
         if lw in MASC_SG_DETS and (gn is None or ("m", "sg") not in gn):
             errors.append(f"masculine singular expected after {w}: {nxt}")
-        if lw in POSS_SG_DETS and (gn is None or not (("m", "sg") in gn or (("f", "sg") in gn and vowel))):
+        if lw in POSS_SG_DETS and (gn is None
+                                   or not (("m", "sg") in gn or (("f", "sg") in gn and vowel))):
             errors.append(f"bad {w} {nxt}")
         if lw in PL_DETS and (gn is None or not any(n == "pl" for _, n in gn)):
             errors.append(f"plural expected after {w}: {nxt}")
@@ -150,8 +156,8 @@ def check_french(fr: str) -> list[str]:
             if not NOUN_GN[w] & ADJ_GN[nxt]:
                 errors.append(f"noun/adjective disagree: {w} {nxt}")
         if w in PRE_ADJ_GN and nxt in NOUN_GN and i > 0 and t[i - 1].lower() not in {
-                "est", "sont", "était", "étaient", "suis", "sommes", "étais", "étions", "pas", "souvent",
-                "toujours"}:
+                "est", "sont", "était", "étaient", "suis", "sommes", "étais", "étions", "pas",
+                "souvent", "toujours"}:
             if not ADJ_GN[w] & NOUN_GN[nxt]:
                 errors.append(f"adjective/noun disagree: {w} {nxt}")
     negs = sum(1 for w in t if w.lower() in ("ne", "n'"))
@@ -290,12 +296,13 @@ def test_passive_participle_agrees_with_subject():
         v = rng.choice(passives)
         subj = _simple_np(rng, v.obj)
         tense = rng.choice(["pres", "past"])
-        c = Clause("verb", _simple_np(rng, v.subj), v, obj=subj, tense=tense, neg=rng.random() < 0.3,
-                   passive=True, show_agent=rng.random() < 0.7)
+        c = Clause("verb", _simple_np(rng, v.subj), v, obj=subj, tense=tense,
+                   neg=rng.random() < 0.3, passive=True, show_agent=rng.random() < 0.7)
         en, fr = realize(c)
         g, n = _expected_feats(subj)
         tokens = fr_tokens(fr)
-        anchors = {"a", "ont", "ai", "avons"} if tense == "past" else {"est", "sont", "suis", "sommes"}
+        anchors = ({"a", "ont", "ai", "avons"} if tense == "past"
+                   else {"est", "sont", "suis", "sommes"})
         assert _word_after(tokens, anchors) == _agree(v.fr_pp, g, n), (en, fr)
         assert (" by " in en) == ("par" in tokens)
 
@@ -310,7 +317,8 @@ def test_etre_verbs_agree_in_past():
         c = Clause("verb", subj, v, tense="past", neg=rng.random() < 0.5)
         en, fr = realize(c)
         g, n = _expected_feats(subj)
-        assert _word_after(fr_tokens(fr), {"est", "sont", "suis", "sommes"}) == _agree(v.fr_pp, g, n), fr
+        assert (_word_after(fr_tokens(fr), {"est", "sont", "suis", "sommes"})
+                == _agree(v.fr_pp, g, n)), fr
 
 
 def test_object_relative_participle_agrees_with_antecedent():
@@ -375,8 +383,10 @@ def test_translate_phrase_roundtrip(sample):
 def test_translate_phrase_examples():
     assert translate_phrase("The old man sees the dog.") == "Le vieil homme voit le chien."
     assert translate_phrase("the old man") == "le vieil homme"
-    assert translate_phrase("Mary was not seen by the children.") == "Mary n'a pas été vue par les enfants."
-    assert translate_phrase("The letter that John wrote is long.") == "La lettre que John a écrite est longue."
+    assert (translate_phrase("Mary was not seen by the children.")
+            == "Mary n'a pas été vue par les enfants.")
+    assert (translate_phrase("The letter that John wrote is long.")
+            == "La lettre que John a écrite est longue.")
     assert translate_phrase("John does not buy any apples.") == "John n'achète pas de pommes."
     with pytest.raises(ValueError):
         translate_phrase("Colorless green ideas sleep furiously.")
@@ -397,11 +407,13 @@ def test_analysis_phrases():
     for g in groups:
         base, voice, order = by[g, "base"], by[g, "voice"], by[g, "order"]
         # a voice pair keeps the meaning, an order swap changes it
-        assert base["meaning"] == voice["meaning"] != order["meaning"] == by[g, "order_voice"]["meaning"]
+        assert (base["meaning"] == voice["meaning"] != order["meaning"]
+                == by[g, "order_voice"]["meaning"])
         # the order swap exchanges the agent with the patient (or the recipient)
         args = base["meaning"][base["meaning"].index("(") + 1:-1].split(", ")
         swapped = [args[1], args[0]] if len(args) == 2 else [args[2], args[1], args[0]]
         assert order["meaning"].endswith("(" + ", ".join(swapped) + ")")
         assert " by " in voice["en"] and " par " in voice["fr"]
     assert by["John admires Mary", "voice"]["fr"] == "Mary est admirée par John."
-    assert by["The boy followed the girls", "voice"]["fr"] == "Les filles ont été suivies par le garçon."
+    assert (by["The boy followed the girls", "voice"]["fr"]
+            == "Les filles ont été suivies par le garçon.")

@@ -338,6 +338,7 @@ def test_single_files_and_zips_are_unpacked_without_tensorflow(tmp_path):
   """What TFDS's download manager may ask of the stand-in extractor, besides tar archives."""
   import bz2
   import zipfile
+
   from tensorflow_datasets.core.download import resource as resource_lib
   kind = resource_lib.ExtractMethod
   (tmp_path / "a.gz").write_bytes(gzip.compress(b"gz text\n"))

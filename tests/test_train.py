@@ -9,9 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from s2s_jax import checkpoint
+from s2s_jax import checkpoint, hardware, train
 from s2s_jax import config as c
-from s2s_jax import hardware, train
 from s2s_jax import workdir as workdir_lib
 
 TINY = {"data.source": "text", "data.tokenizer": "none", "model.num_layers": 1,
@@ -32,6 +31,7 @@ def valid_ppls(workdir):
 def tensorboard_scalars(workdir):
   """{tag: [(step, value)]} from the event files (TFRecord framing: length, crc, data, crc)."""
   import struct
+
   from tensorboardX.proto import event_pb2
   out = {}
   folder = os.path.join(workdir, workdir_lib.TENSORBOARD_DIR)
@@ -151,7 +151,8 @@ def test_auto_dtype_is_fixed_when_a_run_starts_and_kept_on_resume(toy_corpus, tm
   monkeypatch.setattr(hardware, "native_bf16_dtype", lambda: ("float32", "test machine"))
   assert workdir_lib.resolve_compute_dtype(cfg, run).model.compute_dtype == "bfloat16"
   assert train.train(c.override(cfg, {"train.num_steps": 6}), run, progress=False)["step"] == 6
-  assert workdir_lib.resolve_compute_dtype(cfg, str(tmp_path / "new")).model.compute_dtype == "float32"
+  assert (workdir_lib.resolve_compute_dtype(cfg, str(tmp_path / "new")).model.compute_dtype
+          == "float32")
   explicit = c.override(cfg, {"model.compute_dtype": "float32"})
   assert workdir_lib.resolve_compute_dtype(explicit, run) == explicit
   # A dtype that does not exist is a one-line error from the command line, before any work.

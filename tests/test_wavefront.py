@@ -11,9 +11,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from s2s_jax import checkpoint, model, optim, parallel, train
+from s2s_jax.config import Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig, override
 from s2s_jax.parallel import devices
-from s2s_jax.config import (Config, ConfigError, ModelConfig, OptimConfig, ParallelConfig,
-                            override)
 
 L, H = 4, 16
 SRC_VOCAB, TGT_VOCAB = 40, 48
@@ -171,8 +170,10 @@ def test_train_under_layers_then_resume_under_mesh(tmp_path, kernels):
   corpus.mkdir()
   for split, n in (("train", 64), ("valid", 8), ("test", 8)):
     lines = [[str(w) for w in rng.integers(0, 12, rng.integers(1, 4))] for _ in range(n)]
-    (corpus / f"{split}.en").write_text("".join(" ".join("w" + w for w in l) + "\n" for l in lines))
-    (corpus / f"{split}.fr").write_text("".join(" ".join("f" + w for w in l) + "\n" for l in lines))
+    (corpus / f"{split}.en").write_text(
+        "".join(" ".join("w" + w for w in toks) + "\n" for toks in lines))
+    (corpus / f"{split}.fr").write_text(
+        "".join(" ".join("f" + w for w in toks) + "\n" for toks in lines))
   cfg = override(Config(), {
       "model.num_layers": 2, "model.hidden_size": 8, "model.embed_size": 8,
       "data.source": "text", "data.path": str(corpus), "data.tokenizer": "none",
@@ -204,7 +205,8 @@ def test_layouts_that_do_not_fit_are_clear_errors():
   make(4, model=2, data=1)  # 6 of 8 devices, named: fine
   with pytest.raises(ConfigError, match=r"parallel.data=2 replicas x .* = 6 devices, but only 8"):
     make(4, model=2, data=2)
-  with pytest.raises(ConfigError, match=r"bad value 0 for parallel.model: allowed: an integer >= 1"):
+  with pytest.raises(ConfigError,
+                     match=r"bad value 0 for parallel.model: allowed: an integer >= 1"):
     make(4, model=0)
   with pytest.raises(ConfigError, match=r"model.num_layers must be >= 1"):
     make(0, model=4)

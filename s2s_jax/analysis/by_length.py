@@ -31,8 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from s2s_jax import bleu
-from s2s_jax import cli, translate
+from s2s_jax import bleu, cli, translate
 from s2s_jax.analysis import common
 from s2s_jax.data import pipeline
 from s2s_jax.data.vocab import SPECIALS, Vocab
@@ -201,7 +200,8 @@ def _parse_edges(text: str | None) -> list[int] | None:
   try:
     return [int(x) for x in text.split(",")]
   except ValueError:
-    raise ValueError(f"--length_edges must be comma-separated whole numbers, got {text!r}") from None
+    raise ValueError("--length_edges must be comma-separated whole numbers, "
+                     f"got {text!r}") from None
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -217,7 +217,8 @@ def _main(argv: Sequence[str] | None) -> int:
   args = parser.parse_args(argv)
   edges = _parse_edges(args.length_edges)
   m = translate.load_from_flags(args)
-  srcs, refs, name = common.eval_sentences(m.cfg, args.split, args.src, args.ref, args.max_sentences)
+  srcs, refs, name = common.eval_sentences(m.cfg, args.split, args.src, args.ref,
+                                           args.max_sentences)
   tok = translate.tokenizer(m, "src")
   src_tokens = [tok(s) for s in srcs]
   hyp_tokens = common.translate_tokens(m, srcs, name)

@@ -23,10 +23,12 @@ def add_eval_flags(parser) -> None:
 
 
 def eval_sentences(cfg: Config, split: str = "test", src: str | None = None,
-                   ref: str | None = None, max_sentences: int = 0) -> tuple[list[str], list[str], str]:
+                   ref: str | None = None,
+                   max_sentences: int = 0) -> tuple[list[str], list[str], str]:
   """(source lines, reference lines, a name for them) from --src/--ref files or a corpus split."""
   if bool(src) != bool(ref):
-    raise ValueError("--src and --ref go together: give both files or neither (then --split is used)")
+    raise ValueError("--src and --ref go together: give both files or neither "
+                     "(then --split is used)")
   if src:
     srcs, refs = sources.read_lines(src), sources.read_lines(ref)
     if len(srcs) != len(refs):

@@ -94,7 +94,8 @@ def curves(workdirs: Sequence[str], labels: Sequence[str], out: str) -> dict[str
 
 
 def _main(argv: Sequence[str] | None) -> int:
-  p = argparse.ArgumentParser(prog="python -m s2s_jax.analysis.curves", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m s2s_jax.analysis.curves",
+                              description=__doc__.split("\n")[0])
   p.add_argument("--workdir", nargs="+", required=True, help="training WORKDIR(s)")
   p.add_argument("--labels", help="comma list of legend names (default: the folder names)")
   p.add_argument("--out", help="folder for curves.png and curves.json (default: the first WORKDIR)")

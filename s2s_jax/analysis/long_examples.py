@@ -47,7 +47,8 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--num", type=int, default=5, help="how many sentences")
   args = parser.parse_args(argv)
   m = translate.load_from_flags(args)
-  srcs, refs, name = common.eval_sentences(m.cfg, args.split, args.src, args.ref, args.max_sentences)
+  srcs, refs, name = common.eval_sentences(m.cfg, args.split, args.src, args.ref,
+                                           args.max_sentences)
   tok = translate.tokenizer(m, "src")
   pick = longest([len(tok(s)) for s in srcs], args.num)
   hyp_tokens = common.translate_tokens(m, [srcs[i] for i in pick], name, progress=False)

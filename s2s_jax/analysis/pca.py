@@ -1,6 +1,7 @@
 """Figure 2: the encoder's representation of phrases, projected to 2-D with PCA.
 
-    python -m s2s_jax.analysis.pca --workdir DIR [--phrases FILE] [--state all|top|top_h] [--out DIR]
+    python -m s2s_jax.analysis.pca --workdir DIR [--phrases FILE] [--state all|top|top_h]
+        [--out DIR]
 
 The representation of a phrase is the encoder's final state after reading it (reversed when
 the model was trained reversed). `--state` picks which part:
@@ -43,8 +44,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from s2s_jax import model
-from s2s_jax import cli, translate
+from s2s_jax import cli, model, translate
 from s2s_jax.analysis import common
 from s2s_jax.config import ModelConfig
 from s2s_jax.data import sources, synthetic
@@ -209,7 +209,8 @@ def analyse(m: translate.Loaded, phrases: Sequence[Phrase], state: str = "all") 
   y_Nx2, _, ratio = pca_2d(x_NxD)
   distances = {"full": pair_distances(x_NxD, phrases), "pca_2d": pair_distances(y_Nx2, phrases)}
   ratio_vo = {space: d["voice"]["mean"] / d["order"]["mean"]
-              for space, d in distances.items() if "voice" in d and d.get("order", {}).get("mean", 0) > 0}
+              for space, d in distances.items()
+              if "voice" in d and d.get("order", {}).get("mean", 0) > 0}
   return {"state": state, "state_size": int(x_NxD.shape[1]),
           "explained_variance_ratio": [float(r) for r in ratio],
           "points": [{**p, "x": float(x), "y": float(y)} for p, (x, y) in zip(phrases, y_Nx2)],
@@ -247,7 +248,8 @@ def _main(argv: Sequence[str] | None) -> int:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="training WORKDIR")
   parser.add_argument("--phrases", help="phrase file (default: the embedded grammar's phrases)")
-  parser.add_argument("--state", default="all", choices=STATES, help="which encoder state to project")
+  parser.add_argument("--state", default="all", choices=STATES,
+                      help="which encoder state to project")
   parser.add_argument("--out", help="folder for pca.png and pca.json (default: the WORKDIR)")
   args = parser.parse_args(argv)
   m = translate.load([args.workdir])

@@ -46,8 +46,7 @@ import numpy as np
 
 from s2s_jax.config import DataConfig
 from s2s_jax.data import prepared as prepared_lib
-from s2s_jax.data import sources
-from s2s_jax.data import tokenize
+from s2s_jax.data import sources, tokenize
 from s2s_jax.data.sources import DataError
 from s2s_jax.data.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
@@ -235,7 +234,7 @@ def _spm_models(cfg: DataConfig, workdir: str | None, streams: dict[str, sources
   for lang in langs:
     path = tokenize.spm_model_path(shared, lang)
     if not os.path.exists(path):
-      sides = [k for k, l in enumerate((cfg.src_lang, cfg.tgt_lang)) if l == lang]
+      sides = [k for k, side_lang in enumerate((cfg.src_lang, cfg.tgt_lang)) if side_lang == lang]
       text = [t for k in sides for t in prepared_lib.sample_text(
           streams["train"], k, tokenize.SPM_INPUT_SENTENCES // len(sides))]
       t0 = time.perf_counter()

@@ -211,7 +211,8 @@ def _decode_line(raw: bytes, path: str, number: int) -> str:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
     raise DataError(f"{path}: line {number}: invalid UTF-8 ({e.reason} at byte {e.start + 1} of "
-                    "the line); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                    "the line); convert the file to UTF-8 "
+                    "(e.g. iconv -f latin1 -t utf-8)") from None
   return (text.removeprefix("\ufeff") if number == 1 else text).strip()
 
 

@@ -585,7 +585,8 @@ close | fermer | t | P | C |
 break/breaks/broke/broken | casser | t | P A | K |
 carry | porter | t | P A | O F |
 take/takes/took/taken | prends prend prenons prennent pris | t | P | O F |
-build/builds/built/built | construis construit construisons construisent construit | t | P | B | benef
+build/builds/built/built | construis construit construisons construisent construit \
+| t | P | B | benef
 paint | peins peint peignons peignent peint | t | P | O L | benef
 wash | laver | t | P | A O F |
 call | appelle appelle appelons appellent appelé | t | P | P A |
@@ -613,7 +614,8 @@ invite | inviter | t | P | P |
 recognize | reconnais reconnaît reconnaissons reconnaissent reconnu | t | P A | P A L |
 hide/hides/hid/hidden | cacher | t | P A | O F |
 steal/steals/stole/stolen | vole vole volons volent volé | t | P | O F |
-understand/understands/understood/understood | comprends comprend comprenons comprennent compris | t | P | P T | nopass
+understand/understands/understood/understood | comprends comprend comprenons comprennent compris \
+| t | P | P T | nopass
 give/gives/gave/given | donner | d | P | A O F | iobj=P_A iobjreq
 show/shows/showed/shown | montrer | d | P | O | iobj=P iobjreq
 send/sends/sent/sent | envoie envoie envoyons envoient envoyé | d | P | T O | iobj=P iobjreq
@@ -656,7 +658,8 @@ leave/leaves/left/left | pars part partons partent parti | i | P A | | aux=etre 
 come/comes/came/come | viens vient venons viennent venu | i | P A | | aux=etre noat
 fall/falls/fell/fallen | tomber | i | P A O | | aux=etre noat
 stay | rester | i | P A | | aux=etre
-come back/comes back/came back/come back | reviens revient revenons reviennent revenu | i | P A | | aux=etre noat
+come back/comes back/came back/come back | reviens revient revenons reviennent revenu \
+| i | P A | | aux=etre noat
 go out/goes out/went out/gone out | sors sort sortons sortent sorti | i | P A | | aux=etre noat
 say/says/said/said | dis dit disons disent dit | c | P | |
 think/thinks/thought/thought | penser | c | P | |
@@ -702,7 +705,9 @@ def _build_verbs() -> list[Verb]:
 VERBS: list[Verb] = _build_verbs()
 _VERB_BY_KEY = {v.key: v for v in VERBS}
 
-NAMES: list[Name] = [Name(n, "m") for n in "John Paul Peter Mark David Thomas Oscar Lucas Victor Adam".split()] + [
+NAMES: list[Name] = [
+    Name(n, "m") for n in "John Paul Peter Mark David Thomas Oscar Lucas Victor Adam".split()
+] + [
     Name(n, "f") for n in "Mary Anna Sophie Emma Alice Julia Laura Claire Eva Nina".split()
 ]
 _NAME_BY_TEXT = {n.text: n for n in NAMES}
@@ -778,9 +783,10 @@ _DETS_FR = {
     "two": (None, None, "deux"),
     "three": (None, None, "trois"),
 }
-_DETS_EN_SG = {"def": "the", "dem": "this", "my": "my", "his": "his", "her": "her", "our": "our", "their": "their"}
-_DETS_EN_PL = {"def": "the", "indef": "some", "dem": "these", "my": "my", "his": "his", "her": "her",
-               "our": "our", "their": "their", "two": "two", "three": "three"}
+_DETS_EN_SG = {"def": "the", "dem": "this", "my": "my", "his": "his", "her": "her", "our": "our",
+               "their": "their"}
+_DETS_EN_PL = {"def": "the", "indef": "some", "dem": "these", "my": "my", "his": "his",
+               "her": "her", "our": "our", "their": "their", "two": "two", "three": "three"}
 
 _ETRE = ("suis", "est", "sommes", "sont")
 _ETRE_IMP = ("étais", "était", "étions", "étaient")
@@ -1057,7 +1063,8 @@ def _fr_np(np: NP, out: list[str], case: str = "subj", neg_de: bool = False) -> 
             _fr_clause(rel.clause, out, None, np.feats())
 
 
-def _fr_prep_np(prep: tuple, np: NP, out: list[str], case: str = "disj", neg_de: bool = False) -> None:
+def _fr_prep_np(prep: tuple, np: NP, out: list[str], case: str = "disj",
+                neg_de: bool = False) -> None:
     """Preposition + NP with the contractions au/aux/du/des and de+des -> de."""
     if np.kind == "coord" and prep[-1] in ("à", "de"):
         # French repeats a/de before each conjunct: a John et a Mary
@@ -1131,7 +1138,8 @@ def _fr_vg(c: Clause, subj: tuple, obj_ant: tuple | None, out: list[str]) -> Non
     out.extend(rest)
 
 
-def _fr_clause(c: Clause, out: list[str], ant: tuple | None = None, obj_ant: tuple | None = None) -> None:
+def _fr_clause(c: Clause, out: list[str], ant: tuple | None = None,
+               obj_ant: tuple | None = None) -> None:
     """Realise a clause; ``ant``: subject-gap antecedent, ``obj_ant``: object-gap antecedent."""
     ss = c.surface_subject()
     if ss is not None:
@@ -1193,9 +1201,10 @@ def realize(s: Sentence | Clause) -> tuple[str, str]:
 # ---------------------------------------------------------------------------
 
 _MAX_DEPTH = 4
-_DETS_SG = (("def", 50), ("indef", 22), ("dem", 8), ("my", 6), ("his", 4), ("her", 4), ("our", 3), ("their", 3))
-_DETS_PL = (("def", 42), ("indef", 20), ("dem", 8), ("my", 5), ("his", 3), ("her", 3), ("our", 3), ("their", 3),
-            ("two", 7), ("three", 6))
+_DETS_SG = (("def", 50), ("indef", 22), ("dem", 8), ("my", 6), ("his", 4), ("her", 4), ("our", 3),
+            ("their", 3))
+_DETS_PL = (("def", 42), ("indef", 20), ("dem", 8), ("my", 5), ("his", 3), ("her", 3), ("our", 3),
+            ("their", 3), ("two", 7), ("three", 6))
 
 
 def _cum(items):
@@ -1489,7 +1498,8 @@ class _Gen:
             prev = clauses[-1]
             tense = prev.tense if conj.en[0] == "when" else None
             c = self.clause(0, tense=tense)
-            if conj.en[0] == "and" and c.surface_subject() is not None and c.surface_subject().kind == "coord":
+            if (conj.en[0] == "and" and c.surface_subject() is not None
+                    and c.surface_subject().kind == "coord"):
                 # "A saw B and C and D left" would be ambiguous in English
                 conj = _CONJS[1]
             clauses.append(c)
@@ -1536,7 +1546,8 @@ def generate_pairs(num_pairs: int, seed: int) -> list[tuple[str, str]]:
     return [next(stream) for _ in range(num_pairs)]
 
 
-def make_splits(num_train: int, num_valid: int, num_test: int, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
+def make_splits(num_train: int, num_valid: int, num_test: int,
+                seed: int = 0) -> dict[str, list[tuple[str, str]]]:
     """{'train', 'valid', 'test'} with exact sizes and English sides unique across all splits.
 
     The de-duplicated stream is cut test first, then valid, then train, so the
@@ -1601,9 +1612,10 @@ def _build_parse_tables() -> dict:
             kinds.setdefault(tuple(form.split()), set()).add(kind)
         for toks, ks in kinds.items():
             vforms.setdefault(toks[0], []).append((toks, v, frozenset(ks)))
-    dets = {"the": ("def", None), "a": ("indef", "sg"), "an": ("indef", "sg"), "some": ("indef", "pl"),
-            "any": ("indef", "pl"), "this": ("dem", "sg"), "these": ("dem", "pl"), "my": ("my", None),
-            "his": ("his", None), "her": ("her", None), "our": ("our", None), "their": ("their", None),
+    dets = {"the": ("def", None), "a": ("indef", "sg"), "an": ("indef", "sg"),
+            "some": ("indef", "pl"), "any": ("indef", "pl"), "this": ("dem", "sg"),
+            "these": ("dem", "pl"), "my": ("my", None), "his": ("his", None),
+            "her": ("her", None), "our": ("our", None), "their": ("their", None),
             "two": ("two", "pl"), "three": ("three", "pl")}
     return {
         "nouns": nouns,
@@ -1753,7 +1765,8 @@ class _Parser:
             starts.append((False, i))
             for that, j in starts:
                 for comp, k in self.clause(j):
-                    c2 = Clause("verb", subj, verb, tense=tense, neg=neg, adv=adv, comp=comp, that=that)
+                    c2 = Clause("verb", subj, verb, tense=tense, neg=neg, adv=adv, comp=comp,
+                                that=that)
                     if gap != "obj":
                         yield c2, k
             return

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"  # mesh axis (and pmap axis name) over which the batch is split
 MODEL = "model"  # mesh axis over which the target vocabulary is split

@@ -57,7 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from s2s_jax import lstm, model
 from s2s_jax.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
@@ -123,8 +124,8 @@ def params_to_canonical(stacked: dict, num_layers: int) -> dict:
   h = stacked["encoder"]["w_h"].shape[1]
 
   def unstack(s):
-    return [{"w_x": s["w_x"][l, :e if l == 0 else h], "w_h": s["w_h"][l], "b": s["b"][l]}
-            for l in range(num_layers)]
+    return [{"w_x": s["w_x"][i, :e if i == 0 else h], "w_h": s["w_h"][i], "b": s["b"][i]}
+            for i in range(num_layers)]
 
   w_MxHxVm = stacked["softmax"]["w"][num_layers:]
   m, _, vm = w_MxHxVm.shape
