@@ -37,15 +37,17 @@ from s2s_jax.data import pipeline
 from s2s_jax.parallel import devices
 
 
-def write_corpus(folder: str, pairs: int, seed: int = 0) -> None:
-  """Word-for-word pairs (w3 w7 -> f3 f7) of 10-30 words from 32 words, as a text folder."""
+def write_corpus(folder: str, pairs: int, lengths: tuple[int, int] = (10, 30),
+                 seed: int = 0) -> None:
+  """Word-for-word pairs (w3 w7 -> f3 f7) of `lengths` words (inclusive) from 32 words, as a
+  text folder."""
   rng = random.Random(seed)
   os.makedirs(folder, exist_ok=True)
   for split, n in (("train", pairs), ("valid", 8), ("test", 8)):
     with open(os.path.join(folder, f"{split}.en"), "w") as fe, \
          open(os.path.join(folder, f"{split}.fr"), "w") as ff:
       for _ in range(n):
-        words = [str(rng.randrange(32)) for _ in range(rng.randint(10, 30))]
+        words = [str(rng.randrange(32)) for _ in range(rng.randint(*lengths))]
         fe.write(" ".join("w" + w for w in words) + "\n")
         ff.write(" ".join("f" + w for w in words) + "\n")
 
@@ -143,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--rounds", type=int, default=15,
                  help="rounds of each variant, alternating (short rounds: the machine is shared)")
   p.add_argument("--pairs", type=int, default=50_000, help="training pairs of the corpus")
+  p.add_argument("--lengths", default="10,30", help="shortest,longest sentence in words")
   args = p.parse_args(argv)
   folder = tempfile.mkdtemp(prefix="s2s_host_bench_")
   try:
-    write_corpus(os.path.join(folder, "text"), args.pairs)
+    lo, hi = (int(n) for n in args.lengths.split(","))
+    write_corpus(os.path.join(folder, "text"), args.pairs, (lo, hi))
     rows = [measure(int(b), args.steps, args.rounds, folder) for b in args.batch.split(",")]
   finally:
     shutil.rmtree(folder, ignore_errors=True)

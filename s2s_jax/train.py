@@ -48,8 +48,10 @@ class TrainState(NamedTuple):
 
 def init_state(cfg: Config, tx: optax.GradientTransformation, src_vocab: int,
                tgt_vocab: int) -> TrainState:
-  params = model.init_params(jax.random.PRNGKey(cfg.train.seed), cfg.model, src_vocab,
-                             tgt_vocab)
+  """The initial state. The parameters' key is the first half of PRNGKey(train.seed) split in
+  two, as before the state lost its unused rng: a seed gives the model it always gave."""
+  init_key, _ = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+  params = model.init_params(init_key, cfg.model, src_vocab, tgt_vocab)
   return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
 
 

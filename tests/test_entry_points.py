@@ -69,7 +69,7 @@ CASES = {  # module -> its arguments (ctx fields in braces)
                                    "--max_sentences", "4", "--data.source=text",
                                    "--data.path={corpus}", "--data.tokenizer=none",
                                    *TINY_MODEL, *TINY_RUN),
-    "experiments.ladder": _case("--workdir", "{tmp}/ladder", "--only", "unk",
+    "experiments.ladder": _case("--workdir", "{tmp}/ladder", "--only", "base",
                                 "--max_sentences", "4", "--data.source=text",
                                 "--data.path={corpus}", "--data.tokenizer=none",
                                 *TINY_MODEL, *TINY_RUN),
@@ -89,7 +89,8 @@ CASES = {  # module -> its arguments (ctx fields in braces)
                                "20", "--batch", "8", "--length", "4", "--steps", "1",
                                "--warmup", "1"),
     "benchmarks.compare": None,  # tests/test_benchmarks.py runs it on the tiny config
-    "benchmarks.host": _case("--batch", "8", "--steps", "50", "--rounds", "1", "--pairs", "100"),
+    "benchmarks.host": _case("--batch", "8", "--steps", "50", "--rounds", "1", "--pairs", "100",
+                             "--lengths", "3,5"),
     # the rehearsal of gpu.sh's LSTM step (its train step runs a subprocess: test_benchmarks)
     "benchmarks.gpu": _case("lstm", "--tiny", "--allow-cpu", "--reps", "1", "--out", "{tmp}/gpu"),
     "benchmarks.parts": None,  # tests/test_benchmarks.py runs it on the tiny config
