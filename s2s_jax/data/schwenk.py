@@ -26,6 +26,7 @@ import tempfile
 import zlib
 from typing import Sequence
 
+from s2s_jax import cli
 from s2s_jax.data import sources
 from s2s_jax.data.sources import DataError
 
@@ -137,22 +138,23 @@ def convert(src: str, out: str) -> dict[str, int]:
   return sizes
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
   parser = argparse.ArgumentParser(prog="python -m s2s_jax.data.schwenk",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--src", required=True,
                       help="folder with bitexts.tgz and dev+test.tgz (or their unpacked folders)")
   parser.add_argument("--out", required=True, help="text-source folder to write")
   args = parser.parse_args(argv)
-  try:
-    sizes = convert(args.src, args.out)
-  except (DataError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  sizes = convert(args.src, args.out)
   print(", ".join(f"{split}: {n:,} pairs" for split, n in sizes.items()) +
         f" in {args.out}; train with --data.source=text --data.path={args.out} "
         "--data.tokenizer=none")
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line, under the error policy every command shares (`s2s_jax.cli.run`)."""
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
