@@ -84,7 +84,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: ModelConf
   (optim.label_smoothing) goes to the loss too. With both off the step is the paper's.
   """
   switches = {}
-  if getattr(cfg, "dropout", 0.0) > 0:  # (a custom loss_fn may take no model config)
+  if cfg.dropout > 0:
     stream = jax.random.fold_in(jax.random.PRNGKey(seed), DROPOUT_STREAM)
     switches["rng"] = jax.random.fold_in(stream, state.step)
   if label_smoothing > 0:

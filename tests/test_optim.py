@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from s2s_jax import optim
-from s2s_jax.config import ConfigError, OptimConfig
+from s2s_jax import optim, train
+from s2s_jax.config import ConfigError, ModelConfig, OptimConfig
 
 
 def paper_clip(grads, threshold=5.0):
@@ -77,7 +77,6 @@ def test_the_learning_rate_follows_the_steps_skipped_ones_included(name):
   """Step 6 of a run that skipped 2 non-finite steps (optax has applied 4 updates) uses lr(6),
   the rate the log shows and the decay boundaries count in steps; adam's own count (its bias
   correction) still counts the updates it applied."""
-  from s2s_jax import train
   cfg = OptimConfig(name=name, learning_rate=0.7, clip_norm=0.0, decay_start_epoch=1.0,
                     decay_every_epochs=1.0)
   tx, schedule = optim.make_optimizer(cfg, 6)  # halves at step 6
@@ -86,7 +85,7 @@ def test_the_learning_rate_follows_the_steps_skipped_ones_included(name):
   loss_fn = lambda p, batch, _: (jnp.dot(p["w"], batch["x"]), {"nll_sum": 0.0, "num_tokens": 1})
   opt_state = train.schedule_at(tx.init({"w": w}), jnp.int32(4))  # 4 updates applied
   state = train.TrainState({"w": w}, opt_state, jnp.int32(6))
-  new, metrics = train.train_step(state, {"x": x}, cfg=None, tx=tx, loss_fn=loss_fn)
+  new, metrics = train.train_step(state, {"x": x}, cfg=ModelConfig(), tx=tx, loss_fn=loss_fn)
   assert bool(metrics["finite"]) and int(new.step) == 7
   step = x if name == "sgd" else jnp.sign(x)  # adam's first update: lr * sign(gradient)
   np.testing.assert_allclose(new.params["w"], w - 0.35 * step, rtol=1e-5)

@@ -123,12 +123,18 @@ class Examples(_Rows):
   def arrays(self, row: int) -> tuple[np.ndarray, np.ndarray]:
     """(encoder input ids, target ids without </s>) of corpus row `row`; a DataError naming
     the file when the store holds an id beyond its token table."""
-    try:
-      src = self.lookups[0][self.split.sentence(0, row)]
-      tgt = self.lookups[1][self.split.sentence(1, row)]
-    except IndexError:
-      raise self.split.out_of_table(row, [len(t) for t in self.lookups]) from None
+    src = self._map(0, self.split.sentence(0, row), lambda _: row)
+    tgt = self._map(1, self.split.sentence(1, row), lambda _: row)
     return (src[::-1] if self.reverse_source else src), tgt
+
+  def _map(self, side: int, ids: np.ndarray, row_of: Callable[[int], int]) -> np.ndarray:
+    """Store ids of one side as vocabulary ids; a DataError naming the file when one is beyond
+    the token table (`row_of(i)`: the corpus row of ids[i])."""
+    table = self.lookups[side]
+    if len(ids) and int(ids.max()) >= len(table):
+      bad = row_of(int(np.argmax(ids >= len(table))))
+      raise self.split.out_of_table(int(bad), [len(t) for t in self.lookups])
+    return table[ids]
 
   @property
   def lengths(self) -> np.ndarray:
@@ -151,12 +157,9 @@ class Examples(_Rows):
     batch = {}
     for name, side, reverse in (("src", 0, self.reverse_source), ("tgt", 1, False)):
       ids, lengths, within = self.split.gather(side, corpus_rows, reverse)
-      table = self.lookups[side]
-      if len(ids) and int(ids.max()) >= len(table):
-        bad = np.repeat(corpus_rows, lengths)[int(np.argmax(ids >= len(table)))]
-        raise self.split.out_of_table(int(bad), [len(t) for t in self.lookups])
+      vocab_ids = self._map(side, ids, lambda i: np.repeat(corpus_rows, lengths)[i])
       batch[name] = np.full((batch_size, length), PAD_ID, np.int32)
-      _fill(batch[name], lo, lengths, table[ids], within)
+      _fill(batch[name], lo, lengths, vocab_ids, within)
     batch["tgt"][np.arange(lo, hi), lengths] = EOS_ID  # after the target (the last side)
     return batch
 
